@@ -1,0 +1,246 @@
+"""The command line: ``sockserve serve``, ``sockserve plugins``, ``sockserve --version``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._errors import PluginLoadError, SockserveError
+from ._registry import KINDS, registry
+
+__all__ = ["main", "parse_address", "parse_option"]
+
+DEFAULT_ADDRESS = "localhost:9999"
+DEFAULT_HANDLER = "sockserve.core._demo:UpperCaseHandler"
+ADDRESS_SHAPES = "HOST:PORT, [IPV6]:PORT, PORT or unix:PATH"
+
+#: listen() backlog of ``sockserve serve``: the most the system allows (the kernel caps
+#: it at net.core.somaxconn). The standard classes keep the documented 5, which drops
+#: connections under any burst.
+SERVE_BACKLOG = socket.SOMAXCONN
+#: Seconds ``sockserve serve`` lets in-flight requests finish after Ctrl-C or SIGTERM.
+SERVE_DRAIN_TIMEOUT = 10.0
+#: Seconds between turns of the serve loop (service_actions, reaping children).
+SERVE_POLL_INTERVAL = 0.5
+
+
+class UsageError(SockserveError, ValueError):
+    """A command-line argument is wrong; the message says how."""
+
+
+def parse_address(text: str) -> tuple[Any, str | None]:
+    """Parse a command-line ADDRESS; return ``(address, implied_transport)``.
+
+    :raises UsageError: *text* has none of the accepted shapes.
+    """
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path:
+            raise UsageError(f"address {text!r} has an empty path; expected {ADDRESS_SHAPES}")
+        return path, "unix"
+    host, port_text = "localhost", text
+    if text.startswith("["):
+        close = text.find("]:")
+        if close < 0:
+            raise UsageError(f"address {text!r}: expected [IPV6]:PORT, e.g. [::1]:9999")
+        host, port_text = text[1:close], text[close + 2:]
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+        if ":" in host:
+            raise UsageError(f"address {text!r}: put an IPv6 host in brackets, e.g. [::1]:9999")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise UsageError(
+            f"address {text!r}: port {port_text!r} is not a number; expected {ADDRESS_SHAPES}"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise UsageError(f"address {text!r}: port {port} is out of range 0-65535")
+    return (host, port), None
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise UsageError(f"option {key}: {text!r} is not a boolean (true/false)")
+    if text.lower() == "none":
+        return None
+    kind = type(current) if isinstance(current, (int, float)) else float
+    try:
+        return kind(text)
+    except ValueError:
+        raise UsageError(f"option {key}: {text!r} is not a valid {kind.__name__}") from None
+
+
+def parse_option(cls: type, text: str) -> tuple[str, Any]:
+    """Parse ``KEY=VALUE`` for a server class setting; the value takes the setting's type.
+
+    :raises UsageError: no ``=``, an unknown key (the message lists the known ones), or a
+        value of the wrong type.
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    settable = _settable(cls)
+    if not sep:
+        raise UsageError(f"option {text!r}: expected KEY=VALUE")
+    if key not in settable:
+        raise UsageError(
+            f"unknown option {key!r} for {cls.__name__}; known options: {', '.join(sorted(settable))}"
+        )
+    return key, _parse_value(key, value, settable[key])
+
+
+def _settable(cls: type) -> dict[str, Any]:
+    settable = {}
+    for klass in reversed(cls.__mro__):
+        for name, value in vars(klass).items():
+            if name.startswith("_") or callable(value) or isinstance(value, (property, classmethod, staticmethod)):
+                continue
+            if value is None or isinstance(value, (bool, int, float)):
+                settable[name] = value
+    return settable
+
+
+def _load_handler(spec: str) -> type:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"handler {spec!r}: expected module:Class, e.g. mypkg.handlers:EchoHandler")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"handler {spec!r}: cannot import {module_name!r}: {exc}") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise UsageError(f"handler {spec!r}: module {module_name!r} has no {attr!r}") from None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sockserve", description="Serve requests with sockserve, or list its plugins."
+    )
+    parser.add_argument("--version", action="version", version=f"sockserve {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run a server (default: the upper-casing echo demo)")
+    serve.add_argument("address", nargs="?", default=DEFAULT_ADDRESS,
+                       help=f"{ADDRESS_SHAPES} (default {DEFAULT_ADDRESS})")
+    serve.add_argument("handler", nargs="?", default=DEFAULT_HANDLER,
+                       help="request handler as module:Class (default: upper-casing echo)")
+    serve.add_argument("--transport", "-t", help="transport plugin (default tcp, or unix for unix:PATH)")
+    serve.add_argument("--concurrency", "-c", default="threading",
+                       help="concurrency plugin (default threading)")
+    serve.add_argument("--plugin", "-p", action="append", default=[],
+                       help="enable a lifecycle plugin by name (repeatable)")
+    serve.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                       help="set a server setting, e.g. drain_timeout=5 (repeatable)")
+    commands.add_parser("plugins", help="list installed plugins with their distributions")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    address, implied = parse_address(args.address)
+    transport = args.transport or implied or "tcp"
+    handler = _load_handler(args.handler)
+    plugins = [registry.load("plugin", name) for name in args.plugin]
+    base = registry.compose(transport, args.concurrency, plugins=plugins)
+    settings: dict[str, Any] = {
+        "request_queue_size": SERVE_BACKLOG,
+        "drain_timeout": SERVE_DRAIN_TIMEOUT,
+        "allow_reuse_address": True,
+    }
+    for text in args.option:
+        key, value = parse_option(base, text)
+        settings[key] = value
+    server_class = type(base.__name__, (base,), {"__module__": base.__module__, **settings})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    with server_class(address, handler) as server:
+        stopping = []
+
+        def stop(signum: int, frame: Any) -> None:
+            if stopping:  # a second signal: stop waiting for in-flight requests
+                raise KeyboardInterrupt
+            stopping.append(signum)
+            server.shutdown()  # from the serving thread: returns at once, the loop ends
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            print(
+                f"sockserve: {base.__name__} serving on {_show(server.server_address)} "
+                f"with {handler.__module__}.{handler.__qualname__}; Ctrl-C to stop",
+                file=sys.stderr,
+                flush=True,
+            )
+            server.serve_forever(SERVE_POLL_INTERVAL)
+        finally:
+            for sig, handler_before in previous.items():
+                signal.signal(sig, handler_before)
+    print("sockserve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _show(address: Any) -> str:
+    if isinstance(address, tuple):
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
+    return f"unix:{address!r}" if isinstance(address, bytes) or "\0" in str(address) else f"unix:{address}"
+
+
+_KIND_TITLES = {
+    "family": "address families",
+    "socket_type": "socket types",
+    "transport": "transports",
+    "concurrency": "concurrency strategies",
+    "plugin": "lifecycle plugins",
+}
+
+
+def _plugins(out: Any = None) -> int:
+    out = out or sys.stdout
+    for message in registry.clashes:
+        print(f"warning: {message}", file=out)
+    for kind in KINDS:
+        print(f"{_KIND_TITLES[kind]} ({KINDS[kind]}):", file=out)
+        names = registry.names(kind)
+        if not names:
+            print("  (none installed)", file=out)
+        for name in names:
+            info = registry.info(kind, name)
+            dist = info.describe_distribution() or "(built-in, no installed metadata)"
+            try:
+                registry.load(kind, name)
+                status = ""
+            except PluginLoadError as exc:
+                status = f"  [FAILED: {type(exc.cause).__name__}: {exc.cause}]"
+            print(f"  {name:<12} {dist:<24} {info.value}{status}", file=out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "plugins":
+            return _plugins()
+    except KeyboardInterrupt:
+        print("sockserve: interrupted", file=sys.stderr)
+        return 130
+    except (SockserveError, OSError) as exc:
+        print(f"sockserve: error: {exc}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 2

@@ -1,0 +1,180 @@
+"""Lifecycle hook specifications: the contract between sockserve and lifecycle plugins.
+
+Plugin authors read this module. Implementations are marked with ``sockserve.hookimpl``
+and may accept just the arguments they use. A hook implementation that raises is reported
+through the server's ``handle_error`` (with the plugin named) and never stops the server.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from ._server import BaseServer
+
+__all__ = ["hookspec", "hookimpl", "PROJECT_NAME"]
+
+#: The pluggy project name; markers and the plugin manager share it.
+PROJECT_NAME = "sockserve"
+
+#: Marks a function as a hook specification (used in this module only).
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+#: Marks a plugin's function as an implementation of a sockserve hook.
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+Request = Any
+Address = Any
+
+# --------------------------------------------------------------------------- activation
+
+
+@hookspec
+def sockserve_server_activate(server: BaseServer) -> None:
+    """React to *server* having bound and started listening.
+
+    Fires in the thread that constructed the server, right after ``server_activate``
+    (``bind_and_activate=True``) or when the caller calls ``server_activate`` itself.
+    Every implementation runs; return values are ignored.
+
+    :param server: the server; ``server.server_address`` is the real, bound address.
+
+    For plugins that announce the address, register with a supervisor or set socket
+    options. Must not serve requests.
+    """
+
+
+# --------------------------------------------------------------------------- serving
+
+
+@hookspec
+def sockserve_serve_start(server: BaseServer) -> None:
+    """React to ``serve_forever`` starting its loop.
+
+    Fires in the serving thread before the first request is accepted. Every
+    implementation runs.
+
+    :param server: the server about to serve.
+    """
+
+
+@hookspec
+def sockserve_serve_stop(server: BaseServer) -> None:
+    """React to ``serve_forever`` leaving its loop.
+
+    Fires in the serving thread after the last request was accepted, whether the loop
+    ended by ``shutdown()`` or by an exception; in-flight requests of concurrent
+    strategies may still be running. Every implementation runs.
+
+    :param server: the server that stopped serving.
+    """
+
+
+@hookspec
+def sockserve_service_actions(server: BaseServer) -> None:
+    """Do periodic work on each turn of the ``serve_forever`` loop.
+
+    Fires in the serving thread after ``service_actions`` on every loop turn: after each
+    request and at least every ``poll_interval`` seconds. Every implementation runs.
+
+    :param server: the serving server.
+
+    Must return quickly: the loop accepts nothing while it runs.
+    """
+
+
+# --------------------------------------------------------------------------- per request
+
+
+@hookspec(firstresult=True)
+def sockserve_verify_request(
+    server: BaseServer, request: Request, client_address: Address
+) -> bool | None:
+    """Decide whether *request* from *client_address* gets handled.
+
+    Fires in the thread running ``serve_forever`` (or ``handle_request``), after the
+    request is accepted and before the concurrency strategy hands it to a worker.
+    The first implementation that returns a bool decides; with none, the server's own
+    ``verify_request`` decides.
+
+    :param server: the server that accepted the request.
+    :param request: the connected socket, or ``(data, socket)`` for datagrams.
+    :param client_address: the peer address, as the transport reports it.
+    :returns: ``False`` to drop the request (it is shut down and closed, the handler
+        never runs), ``True`` to accept it without asking ``verify_request``, ``None`` to
+        leave it to others.
+
+    For access control and rate limiting. Runs on the serving thread, so it must not
+    block; slow checks belong on the worker side of the request.
+    """
+
+
+@hookspec
+def sockserve_request_start(
+    server: BaseServer, request: Request, client_address: Address
+) -> None:
+    """React to a request about to be handled.
+
+    Fires in the thread or child process that runs the request (the serving thread for
+    ``sync``, the request's thread for ``threading``, the child for ``forking``), just
+    before ``finish_request`` builds the handler. Every implementation runs.
+
+    :param server: the server.
+    :param request: the connected socket, or ``(data, socket)`` for datagrams.
+    :param client_address: the peer address.
+
+    For timing, logging and per-request context. Raising here does not stop the request.
+    """
+
+
+@hookspec
+def sockserve_request_finish(
+    server: BaseServer, request: Request, client_address: Address, exc: BaseException | None
+) -> None:
+    """React to a request having been handled.
+
+    Fires in the same thread or process as ``sockserve_request_start``, after the handler
+    returned or raised (and after error handling) and before the request is shut down.
+    Every implementation runs.
+
+    :param server: the server.
+    :param request: the request.
+    :param client_address: the peer address.
+    :param exc: the exception the handler raised, or ``None`` when it succeeded.
+
+    For access logs, metrics and cleanup of what ``sockserve_request_start`` set up.
+    """
+
+
+@hookspec(firstresult=True)
+def sockserve_handle_error(
+    server: BaseServer, request: Request, client_address: Address, exc: BaseException
+) -> bool | None:
+    """Handle an exception a request handler raised.
+
+    Fires where the request ran, inside the ``except`` block, before the server's own
+    ``handle_error``. The first implementation that returns non-``None`` decides.
+
+    :param exc: the exception (an ``Exception`` subclass; others are never handled).
+    :returns: ``True`` when the error is handled (``handle_error`` is not called),
+        ``False`` or ``None`` to let the server's ``handle_error`` report it.
+
+    For error reporting services. Must not raise.
+    """
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+@hookspec
+def sockserve_server_close(server: BaseServer) -> None:
+    """React to the server closing.
+
+    Fires in the thread calling ``server_close()``, before the listening socket is
+    closed and before in-flight requests are waited for. Every implementation runs.
+
+    :param server: the closing server.
+
+    For flushing statistics and releasing what the plugin holds for this server.
+    """

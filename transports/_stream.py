@@ -1,0 +1,129 @@
+"""The ``stream`` socket type: ``TCPServer``, the connection-oriented server.
+
+``TCPServer`` is the stream server for the default (``inet``) family; every stream
+transport of another family derives from it, as the standard module documents.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from ..core._errors import BindError
+from ..core._hooks import call_hook
+from ..core._plugin_types import SocketType
+from ..core._registry import registry
+from ..core._server import BaseServer
+
+__all__ = ["TCPServer", "STREAM"]
+
+#: The standard module's listen() backlog for the documented classes; kept for
+#: compatibility. sockserve's command line uses a larger one (see core/_cli.py).
+REQUEST_QUEUE_SIZE = 5
+
+
+class TCPServer(BaseServer):
+    """A stream server: binds, listens and accepts connections.
+
+    :param server_address: the address to bind; its shape is checked by the address
+        family plugin (``(host, port)`` for inet), with an error saying what was expected.
+    :param RequestHandlerClass: the handler class to instantiate per request.
+    :param bind_and_activate: bind and listen now (default); on failure the socket is
+        closed before the error propagates.
+    """
+
+    address_family = socket.AF_INET
+    socket_type = socket.SOCK_STREAM
+    request_queue_size = REQUEST_QUEUE_SIZE
+    allow_reuse_address = False
+    allow_reuse_port = False
+    #: For IPv6 sockets: True serves IPv6 only, False both stacks (IPv4-mapped), None
+    #: leaves the system default.
+    ipv6_only: bool | None = None
+
+    def __init__(
+        self, server_address: Any, RequestHandlerClass: Any, bind_and_activate: bool = True
+    ) -> None:
+        family = registry.family_for(self.address_family)
+        server_address = family.check_address(server_address)
+        address_family = family.socket_family(server_address)
+        if address_family != self.address_family:
+            self.address_family = address_family
+        BaseServer.__init__(self, server_address, RequestHandlerClass)
+        self._sockserve_family = family
+        self._sockserve_closed = False
+        self.socket = socket.socket(self.address_family, self.socket_type)
+        if bind_and_activate:
+            try:
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.server_close()
+                raise
+
+    def server_bind(self) -> None:
+        """Bind the socket to ``server_address`` and store the real address there."""
+        if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        family = self._sockserve_family
+        family.before_bind(self)
+        try:
+            self.socket.bind(self.server_address)
+        except OSError as exc:
+            if isinstance(exc, BindError):
+                raise
+            raise BindError(
+                exc.errno,
+                f"{exc.strerror or exc}: cannot bind {family.name} address "
+                f"{self.server_address!r}",
+                self.server_address,
+            ) from exc
+        self.server_address = family.bound_address(self)
+
+    def server_activate(self) -> None:
+        """Listen with a backlog of ``request_queue_size``."""
+        self.socket.listen(self.request_queue_size)
+        hook = self._sockserve_hooks.server_activate
+        if hook is not None:
+            call_hook(self, hook)
+
+    def server_close(self) -> None:
+        """Close the listening socket (and remove a Unix socket file we created)."""
+        if not self._sockserve_closed:
+            self._sockserve_closed = True
+            hook = self._sockserve_hooks.server_close
+            if hook is not None:
+                call_hook(self, hook)
+            self._sockserve_family.release(self)
+        self.socket.close()
+
+    def fileno(self) -> int:
+        """Return the listening socket's file descriptor (for selectors)."""
+        return self.socket.fileno()
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept a connection: return ``(socket, client_address)``."""
+        return self.socket.accept()
+
+    def shutdown_request(self, request: Any) -> None:
+        """Shut the connection down for writing (so the peer sees EOF), then close it."""
+        try:
+            # Explicitly shut down: socket.close() alone would not end the connection
+            # while a forked child still holds a copy of it.
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer may have closed it already
+        self.close_request(request)
+
+    def close_request(self, request: Any) -> None:
+        """Close the connection."""
+        request.close()
+
+
+STREAM = SocketType("stream", socket.SOCK_STREAM, TCPServer)
+
+
+# Report the public home in reprs, tracebacks and pickles.
+TCPServer.__module__ = "sockserve"
