@@ -9,6 +9,10 @@ import sys
 import time
 from typing import Any
 
+import attrs
+
+from ..core._options import count, flag
+
 __all__ = ["ForkingMixIn"]
 
 log = logging.getLogger("sockserve")
@@ -23,6 +27,14 @@ TERMINATE_GRACE = 1.0
 REAP_INTERVAL = 0.01
 
 
+@attrs.define
+class ForkingOptions:
+    """Options of the forking strategy."""
+
+    max_children: int = count(1)
+    block_on_close: bool = flag()
+
+
 class ForkingMixIn:
     """Handle each request in a new child process.
 
@@ -34,6 +46,7 @@ class ForkingMixIn:
     SIGTERM, and SIGKILL after ``TERMINATE_GRACE`` seconds).
     """
 
+    sockserve_options = ForkingOptions
     timeout: float | None = TIMEOUT
     #: Process ids of the children not yet reaped (None before the first fork).
     active_children: set[int] | None = None

@@ -7,6 +7,10 @@ import threading
 import time
 from typing import Any
 
+import attrs
+
+from ..core._options import flag
+
 __all__ = ["ThreadingMixIn"]
 
 log = logging.getLogger("sockserve")
@@ -62,6 +66,14 @@ class _Threads(set):  # type: ignore[type-arg]
             log.error("%s: %d request thread(s) still running after cut-off", type(server).__name__, stuck)
 
 
+@attrs.define
+class ThreadingOptions:
+    """Options of the threading strategy."""
+
+    daemon_threads: bool = flag()
+    block_on_close: bool = flag()
+
+
 class ThreadingMixIn:
     """Handle each request in a new thread.
 
@@ -70,6 +82,7 @@ class ThreadingMixIn:
     running then have their connections shut down (logged and counted).
     """
 
+    sockserve_options = ThreadingOptions
     #: Make request threads daemon threads (they do not keep the process alive).
     daemon_threads = False
     #: server_close() waits for the request threads to finish.

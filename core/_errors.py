@@ -19,6 +19,7 @@ __all__ = [
     "PortRangeError",
     "BindError",
     "HookError",
+    "OptionError",
     "DatagramTruncatedError",
 ]
 
@@ -137,6 +138,27 @@ class BindError(SockserveError, OSError):
 
     def __str__(self) -> str:
         return f"[Errno {self.errno}] {self.strerror}" if self.errno else str(self.strerror)
+
+
+class OptionError(SockserveError, ValueError):
+    """An option (a server setting) is unknown or has a bad value.
+
+    :ivar key: the option's name.
+    :ivar value: the value given.
+    :ivar known: for an unknown name, the options the server class has.
+    """
+
+    def __init__(
+        self, key: str, value: object, problem: str | None, known: Iterable[str] = ()
+    ) -> None:
+        self.key = key
+        self.value = value
+        self.known = tuple(known)
+        if problem is None:
+            message = f"unknown option {key!r}; known options: {', '.join(self.known) or '(none)'}"
+        else:
+            message = f"bad value {value!r} for option {key!r}: {problem}"
+        super().__init__(message)
 
 
 class HookError(SockserveError, RuntimeError):

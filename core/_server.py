@@ -18,8 +18,11 @@ import time
 import traceback
 from typing import Any
 
+import attrs
+
 from ._errors import DatagramTruncatedError
 from ._hooks import HookRelay, call_hook, relay_for
+from ._options import seconds
 
 __all__ = ["BaseServer"]
 
@@ -46,6 +49,14 @@ else:  # pragma: no cover - Windows
     _ServerSelector = selectors.SelectSelector
 
 
+@attrs.define
+class ServerOptions:
+    """Options of every server (see ``BaseServer``)."""
+
+    timeout: float | None = seconds()
+    drain_timeout: float | None = seconds()
+
+
 class BaseServer:
     """Base class of all servers: the lifecycle without any socket specifics.
 
@@ -66,6 +77,8 @@ class BaseServer:
     #: off (their connections shut down, logged and counted in ``requests_cut_off``).
     #: None waits as long as they take, which is the standard module's behaviour.
     drain_timeout: float | None = None
+    #: The options this class declares (see ``sockserve.with_options``).
+    sockserve_options = ServerOptions
     #: Lifecycle plugins that apply to this class only (set by ``compose(plugins=...)``).
     _sockserve_plugins: tuple[object, ...] = ()
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import attrs
+
 from ..core._errors import DatagramTruncatedError
 from ..core._hooks import call_hook
+from ..core._options import count
 from ..core._plugin_types import SocketType
 from ._stream import TCPServer
 
@@ -22,9 +25,17 @@ __all__ = ["UDPServer", "DGRAM"]
 MAX_PACKET_SIZE = 8192
 
 
+@attrs.define
+class DatagramOptions:
+    """Options of datagram servers."""
+
+    max_packet_size: int = count(1)
+
+
 class UDPServer(TCPServer):
     """A datagram server: each datagram is one request ``(data, socket)``."""
 
+    sockserve_options = DatagramOptions
     allow_reuse_address = False
     allow_reuse_port = False
     socket_type = socket.SOCK_DGRAM

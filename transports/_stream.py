@@ -9,8 +9,11 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import attrs
+
 from ..core._errors import BindError
 from ..core._hooks import call_hook
+from ..core._options import count, flag
 from ..core._plugin_types import SocketType
 from ..core._registry import registry
 from ..core._server import BaseServer
@@ -20,6 +23,18 @@ __all__ = ["TCPServer", "STREAM"]
 #: The standard module's listen() backlog for the documented classes; kept for
 #: compatibility. sockserve's command line uses a larger one (see core/_cli.py).
 REQUEST_QUEUE_SIZE = 5
+
+
+@attrs.define
+class StreamOptions:
+    """Options of stream (and, through inheritance, datagram) servers."""
+
+    request_queue_size: int = count(0)
+    allow_reuse_address: bool = flag()
+    allow_reuse_port: bool = flag()
+    ipv6_only: bool | None = attrs.field(
+        validator=attrs.validators.optional(attrs.validators.instance_of(bool))
+    )
 
 
 class TCPServer(BaseServer):
@@ -32,6 +47,7 @@ class TCPServer(BaseServer):
         closed before the error propagates.
     """
 
+    sockserve_options = StreamOptions
     address_family = socket.AF_INET
     socket_type = socket.SOCK_STREAM
     request_queue_size = REQUEST_QUEUE_SIZE
