@@ -25,6 +25,8 @@ __all__ = ["HookRelay", "get_plugin_manager", "relay_for", "call_hook", "AUTOLOA
 
 #: Environment variable that stops automatic loading of the ``sockserve.plugins`` group.
 AUTOLOAD_ENV = "SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD"
+#: Environment variable naming auto-loaded plugins to block (comma-separated).
+BLOCK_ENV = "SOCKSERVE_BLOCK_PLUGINS"
 
 #: Short attribute name on a relay -> hook name.
 HOOKS: dict[str, str] = {
@@ -116,13 +118,26 @@ def get_plugin_manager() -> PluginManager:
 
 
 def _autoload(manager: PluginManager) -> None:
+    """Register every ``sockserve.plugins`` entry point that wants to be auto-loaded.
+
+    Skipped: names listed in ``SOCKSERVE_BLOCK_PLUGINS`` (not even imported), and plugins
+    whose object says ``sockserve_autoload = False`` (opt-in by name, like the shipped
+    ``access-log`` and ``stats``).
+    """
     from ._registry import registry
 
+    blocked = {n.strip() for n in os.environ.get(BLOCK_ENV, "").split(",") if n.strip()}
+    for name in blocked:
+        manager.set_blocked(name)
     for name in registry.names("plugin"):
+        if name in blocked:
+            continue
         try:
             plugin = registry.load("plugin", name)
         except PluginLoadError as exc:
             warnings.warn(str(exc), PluginLoadWarning, stacklevel=3)
+            continue
+        if getattr(plugin, "sockserve_autoload", True) is False:
             continue
         if manager.get_plugin(name) is None and not manager.is_blocked(name):
             manager.register(plugin, name)

@@ -57,7 +57,10 @@ BUILTIN_ENTRY_POINTS: dict[str, dict[str, str]] = {
         "threading": "sockserve.concurrency._threading:ThreadingMixIn",
         "forking": "sockserve.concurrency._forking:ForkingMixIn",
     },
-    "sockserve.plugins": {},
+    "sockserve.plugins": {
+        "access-log": "sockserve.plugins._accesslog:ACCESS_LOG",
+        "stats": "sockserve.plugins._stats:STATS",
+    },
 }
 
 _CLASS_KEYS = frozenset(

@@ -1,0 +1,124 @@
+"""The ``stats`` plugin: request counters and a duration histogram per server.
+
+Opt-in by name. Counts are kept in memory shared across forked children, so they are
+complete for every strategy: ``accepted`` (past accept), ``denied`` (refused by
+``verify_request`` or a plugin), ``finished`` (handler returned), ``failed`` (handler
+raised). ``Stats.snapshot(server)`` reads them from Python; when the server closes, one
+summary line is logged on ``sockserve.stats`` (``sockserve serve`` prints it on exit).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Generator
+from typing import Any
+
+from ..core.hookspecs import hookimpl
+
+__all__ = ["Stats", "STATS", "BUCKETS"]
+
+#: Upper bounds of the duration histogram's buckets, in seconds (the last bucket is
+#: everything slower). Decades from 100 µs to 10 s: request times in a socket server span
+#: that range, and a decade per bucket keeps the summary one readable line.
+BUCKETS = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
+COUNTERS = ("accepted", "denied", "finished", "failed")
+
+
+class _Shared:
+    """Counters in anonymous shared memory, so forked children add to the parent's."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("fork") if hasattr(multiprocessing, "get_context") else multiprocessing
+        self.values = ctx.RawArray("q", len(COUNTERS) + len(BUCKETS) + 1)
+        self.lock = ctx.Lock()
+
+    def add(self, index: int, amount: int = 1) -> None:
+        with self.lock:
+            self.values[index] += amount
+
+
+class Stats:
+    """Count requests by outcome and time them; see the module docstring."""
+
+    sockserve_autoload = False
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or logging.getLogger("sockserve.stats")
+        self._local = threading.local()
+        self._guard = threading.Lock()
+
+    def _shared(self, server: Any) -> _Shared:
+        shared = getattr(server, "_sockserve_stats", None)
+        if shared is None:
+            with self._guard:
+                shared = getattr(server, "_sockserve_stats", None)
+                if shared is None:
+                    shared = server._sockserve_stats = _Shared()
+        return shared
+
+    def snapshot(self, server: Any) -> dict[str, Any]:
+        """Return the counters and the histogram (bucket upper bound -> count) of *server*."""
+        shared = self._shared(server)
+        with shared.lock:
+            values = list(shared.values)
+        counts = dict(zip(COUNTERS, values))
+        histogram = dict(zip((*BUCKETS, float("inf")), values[len(COUNTERS):]))
+        return {**counts, "durations": histogram}
+
+    @hookimpl
+    def sockserve_server_activate(self, server: Any) -> None:
+        self._shared(server)  # create the shared memory before any child is forked
+
+    @hookimpl(wrapper=True)
+    def sockserve_verify_request(
+        self, server: Any, request: Any, client_address: Any
+    ) -> Generator[None, Any, bool]:
+        # A wrapper sees the verdict of every other plugin; when none decided, it asks the
+        # server's own verify_request, so the count of denials is complete.
+        verdict = yield
+        if verdict is None:
+            verdict = bool(server.verify_request(request, client_address))
+        shared = self._shared(server)
+        shared.add(0)
+        if not verdict:
+            shared.add(1)
+        return verdict
+
+    @hookimpl
+    def sockserve_request_start(self) -> None:
+        self._local.started = time.perf_counter()
+
+    @hookimpl
+    def sockserve_request_finish(self, server: Any, exc: BaseException | None) -> None:
+        shared = self._shared(server)
+        started = getattr(self._local, "started", None)
+        with shared.lock:
+            shared.values[2 if exc is None else 3] += 1
+            if started is not None:
+                bucket = bisect.bisect_left(BUCKETS, time.perf_counter() - started)
+                shared.values[len(COUNTERS) + bucket] += 1
+
+    @hookimpl
+    def sockserve_server_close(self, server: Any) -> None:
+        snap = self.snapshot(server)
+        histogram = " ".join(
+            f"<={bound * 1000:g}ms:{n}" if bound != float("inf") else f"slower:{n}"
+            for bound, n in snap["durations"].items()
+        )
+        self.logger.info(
+            "%s: accepted %d, denied %d, finished %d, failed %d; durations %s",
+            type(server).__name__,
+            snap["accepted"],
+            snap["denied"],
+            snap["finished"],
+            snap["failed"],
+            histogram,
+        )
+
+
+#: The instance the ``stats`` entry point names.
+STATS = Stats()
