@@ -77,7 +77,7 @@ class ThreadingOptions:
 class ThreadingMixIn:
     """Handle each request in a new thread.
 
-    ``server_close()`` waits for the request threads when ``block_on_close`` is true
+    ``server_close()`` waits for the (non-daemon) request threads when ``block_on_close`` is true
     (the default), at most ``drain_timeout`` seconds when that is set; threads still
     running then have their connections shut down (logged and counted).
     """
@@ -98,6 +98,8 @@ class ThreadingMixIn:
         threads = self._threads
         if threads is None and self.block_on_close:
             threads = self._threads = _Threads()
+        if self.daemon_threads:
+            threads = None  # daemon threads are not waited for, as documented
         thread = _RequestThread(threads, self.process_request_thread, request, client_address)
         thread.daemon = self.daemon_threads
         if threads is not None:

@@ -90,14 +90,19 @@ class StreamRequestHandler(BaseRequestHandler):
             self.wfile = self.connection.makefile("wb", self.wbufsize)
 
     def finish(self) -> None:
-        if not self.wfile.closed:
+        try:
+            if not self.wfile.closed:
+                try:
+                    self.wfile.flush()
+                except OSError:
+                    # The peer may have gone away; a final flush failing is not an error.
+                    pass
             try:
-                self.wfile.flush()
+                self.wfile.close()
             except OSError:
-                # The peer may have gone away; a final flush failing is not an error.
-                pass
-        self.wfile.close()
-        self.rfile.close()
+                pass  # close() flushes again what the failed flush left in the buffer
+        finally:
+            self.rfile.close()
 
 
 class DatagramRequestHandler(BaseRequestHandler):
