@@ -17,6 +17,7 @@ __all__ = [
     "PluginLoadWarning",
     "AddressError",
     "PortRangeError",
+    "PathTooLongError",
     "BindError",
     "HookError",
     "OptionError",
@@ -124,6 +125,10 @@ class AddressError(SockserveError, TypeError, ValueError):
 
 class PortRangeError(AddressError, OverflowError):
     """A port number outside 0-65535 (the standard module raises ``OverflowError``)."""
+
+
+class PathTooLongError(AddressError, OSError):
+    """A Unix socket path longer than ``sun_path`` holds (the standard module raises ``OSError``)."""
 
 
 class BindError(SockserveError, OSError):

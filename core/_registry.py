@@ -101,6 +101,20 @@ class PluginInfo:
         return f"{self.distribution} {self.version}" if self.version else self.distribution
 
 
+#: How messages name each kind: "no transport plugin named ...".
+LABELS: dict[str, str] = {
+    "family": "address family",
+    "socket_type": "socket type",
+    "transport": "transport",
+    "concurrency": "concurrency",
+    "plugin": "lifecycle",
+}
+
+
+def _label(kind: str) -> str:
+    return LABELS.get(kind, kind.replace("_", " "))
+
+
 def _is_own(dist_name: str | None) -> bool:
     return dist_name is not None and dist_name.lower().replace("_", "-") == DISTRIBUTION
 
@@ -196,7 +210,9 @@ class Registry:
 
     def _check_kind(self, kind: str) -> None:
         if kind not in self._kinds:
-            raise UnknownPluginError("plugin kind", kind, self._kinds)
+            error = UnknownPluginError("plugin kind", kind, self._kinds)
+            error.args = (f"no plugin kind {kind!r}; plugin kinds: {', '.join(sorted(self._kinds))}",)
+            raise error
 
     def names(self, kind: str) -> list[str]:
         """Return the sorted names of the installed plugins of *kind*."""
@@ -216,7 +232,7 @@ class Registry:
             return added
         info = self._discover()[kind].get(name)
         if info is None:
-            raise UnknownPluginError(kind.replace("_", " "), name, self.names(kind))
+            raise UnknownPluginError(_label(kind), name, self.names(kind))
         return info
 
     def add(self, kind: str, name: str, plugin: Any) -> None:
@@ -228,15 +244,27 @@ class Registry:
         with self._lock:
             if name in self.names(kind):
                 raise ValueError(f"a {kind} plugin named {name!r} is already installed")
+            plugin = self._validate(kind, name, plugin)  # a refused plugin leaves no trace
             self._added[(kind, name)] = PluginInfo(kind, name, "<added>", None, None, None)
-            self._loaded[(kind, name)] = self._validate(kind, name, plugin)
+            self._loaded[(kind, name)] = plugin
 
     def remove(self, kind: str, name: str) -> None:
         """Forget a plugin added with ``add``."""
         with self._lock:
+            if (kind, name) not in self._added:
+                raise UnknownPluginError(
+                    _label(kind), name, [n for k, n in self._added if k == kind]
+                )
             del self._added[(kind, name)]
             self._loaded.pop((kind, name), None)
             self._families_by_af.clear()
+            # Classes composed from the removed plugin must not outlive it.
+            if kind == "transport":
+                self._transport_classes.pop(name, None)
+            position = {"transport": 0, "concurrency": 1}.get(kind)
+            if position is not None:
+                for key in [k for k in self._classes if k[position] == name]:
+                    del self._classes[key]
 
     def load(self, kind: str, name: str) -> Any:
         """Import and return plugin *name* of *kind* (cached).
@@ -260,7 +288,7 @@ class Registry:
                 plugin = self._validate(kind, name, info.entry_point.load())
             except Exception as exc:
                 error = PluginLoadError(
-                    kind.replace("_", " "),
+                    _label(kind),
                     name,
                     info.describe_entry_point(),
                     info.describe_distribution(),
@@ -408,6 +436,13 @@ class Registry:
                 transport = "tcp"
             else:
                 transport = self._find_transport(family or "inet", socket_type or "stream")
+            # One class per composition, however the transport was named.
+            canonical = (transport, concurrency, None, None, mixins, key[5])
+            cls = self._classes.get(canonical)
+            if cls is not None:
+                self._classes[key] = cls
+                return cls
+            key = canonical
         base = self.transport_class(transport)
         if isinstance(concurrency, str):
             mixin = self.load("concurrency", concurrency)

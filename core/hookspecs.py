@@ -14,7 +14,22 @@ import pluggy
 if TYPE_CHECKING:
     from ._server import BaseServer
 
-__all__ = ["hookspec", "hookimpl", "PROJECT_NAME"]
+__all__ = [
+    "hookspec",
+    "hookimpl",
+    "PROJECT_NAME",
+    "Request",
+    "Address",
+    "sockserve_server_activate",
+    "sockserve_serve_start",
+    "sockserve_serve_stop",
+    "sockserve_service_actions",
+    "sockserve_verify_request",
+    "sockserve_request_start",
+    "sockserve_request_finish",
+    "sockserve_handle_error",
+    "sockserve_server_close",
+]
 
 #: The pluggy project name; markers and the plugin manager share it.
 PROJECT_NAME = "sockserve"

@@ -13,7 +13,7 @@ import socket
 import stat
 from typing import TYPE_CHECKING, Any
 
-from ..core._errors import AddressError, BindError
+from ..core._errors import AddressError, BindError, PathTooLongError
 from ..core._plugin_types import AddressFamily
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class UnixFamily(AddressFamily):
             raise AddressError(address, self.name, self.expected)
         raw = os.fsencode(address) if isinstance(address, str) else address
         if len(raw) > MAX_PATH_BYTES:
-            raise AddressError(
+            raise PathTooLongError(
                 address, self.name, self.expected, f"it is {len(raw)} bytes long"
             )
         return address
