@@ -100,7 +100,7 @@ class ForkingMixIn:
         # parent's serve loop.
         status = 1
         try:
-            if self._sockserve_process(request, client_address):  # type: ignore[attr-defined]
+            if self.run_request(request, client_address):  # type: ignore[attr-defined]
                 status = 0
         finally:
             try:

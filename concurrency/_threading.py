@@ -91,7 +91,7 @@ class ThreadingMixIn:
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Run one request in its thread: finish, handle errors, shut down."""
-        self._sockserve_process(request, client_address)  # type: ignore[attr-defined]
+        self.run_request(request, client_address)  # type: ignore[attr-defined]
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start a new thread to process the request."""

@@ -96,7 +96,7 @@ class ConcurrencyMixIn(Protocol):
     """A concurrency plugin is a mixin class shaped like ``ThreadingMixIn``.
 
     It overrides ``process_request`` to hand the request to a worker, which runs
-    ``self._sockserve_process(request, client_address)`` (finish_request, error handling,
+    ``self.run_request(request, client_address)`` (finish_request, error handling,
     hooks, shutdown_request), and ``server_close`` to wait for or stop its workers.
     An empty mixin (like ``sync``) composes to the transport class itself.
     """

@@ -317,17 +317,19 @@ class BaseServer:
         # Remembered so that a drain deadline can cut off a request that overstays.
         self._sockserve_current = request
         try:
-            self._sockserve_process(request, client_address)
+            self.run_request(request, client_address)
         finally:
             self._sockserve_current = None
 
-    def _sockserve_process(self, request: Any, client_address: Any) -> bool:
-        """Run one request where it is to be handled, with hooks, then shut it down.
+    def run_request(self, request: Any, client_address: Any) -> bool:
+        """Run one request here, in the worker that is to handle it, then shut it down.
 
         The body of the standard ``process_request_thread``: ``finish_request``, then
-        ``handle_error`` for an ``Exception``, then always ``shutdown_request``. Every
-        strategy runs its requests through here, so hooks fire in the right place.
-        Returns False when the handler raised (and the error was handled).
+        ``handle_error`` for an ``Exception``, then always ``shutdown_request``; around it
+        the ``sockserve_request_start`` / ``sockserve_request_finish`` hooks. Every
+        concurrency strategy runs its requests through here, in its thread or process.
+
+        :returns: False when the handler raised (the error was handled), else True.
         """
         hooks = self._sockserve_hooks
         start = hooks.request_start
@@ -362,6 +364,20 @@ class BaseServer:
             finally:
                 self.shutdown_request(request)
         return failure is None
+
+    def call_hook(self, name: str, **kwargs: Any) -> Any:
+        """Call lifecycle hook *name* (``"serve_start"``, without the prefix) for this server.
+
+        For strategies that run their own loops (a worker process's loop fires
+        ``serve_start`` / ``serve_stop``). Does nothing when no plugin implements the hook;
+        an implementation that raises is reported through ``handle_error``.
+
+        :returns: the hook's result, or None.
+        """
+        caller = getattr(self._sockserve_hooks, name)
+        if caller is None:
+            return None
+        return call_hook(self, caller, **kwargs)
 
     def _sockserve_handle_error(self, request: Any, client_address: Any) -> None:
         """Offer the exception being handled to the hook, then to ``handle_error``."""

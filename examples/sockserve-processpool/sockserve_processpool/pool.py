@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 import attrs
-import sockserve
 
 __all__ = ["ProcessPoolMixIn", "PoolOptions"]
 
@@ -58,7 +57,6 @@ class _Worker:
     pid: int
     channel: socket.socket
     inflight: int = 0
-    handled: int = 0
 
 
 class ProcessPoolMixIn:
@@ -99,6 +97,8 @@ class ProcessPoolMixIn:
                 for other in self._pool or ():
                     other.channel.close()  # inherited ends of the other workers' channels
                 status = self._worker_main(slot, child_end)
+            except BaseException:
+                log.exception("worker %d (pid %d) failed", slot, os.getpid())
             finally:
                 try:
                     sys.stdout.flush()
@@ -138,8 +138,8 @@ class ProcessPoolMixIn:
                 if not done:
                     break
                 worker.inflight -= len(done)
-                worker.handled += len(done)
-                self.worker_requests[worker.slot] = worker.handled
+                # Per slot, across replacements of the worker in that slot.
+                self.worker_requests[worker.slot] = self.worker_requests.get(worker.slot, 0) + len(done)
 
     def service_actions(self) -> None:
         """Account finished requests and replace workers that died."""
@@ -224,9 +224,7 @@ class ProcessPoolMixIn:
             pass
         self._pool = None
         self._pool_closing = True
-        hooks = self._sockserve_hooks  # type: ignore[attr-defined]
-        if hooks.serve_start is not None:
-            sockserve.core._hooks.call_hook(self, hooks.serve_start)
+        self.call_hook("serve_start")  # type: ignore[attr-defined]
         try:
             while True:
                 try:
@@ -240,12 +238,11 @@ class ProcessPoolMixIn:
                 client_address = pickle.loads(message)
                 request = socket.socket(fileno=fds[0])
                 try:
-                    self._sockserve_process(request, client_address)  # type: ignore[attr-defined]
+                    self.run_request(request, client_address)  # type: ignore[attr-defined]
                 finally:
                     try:
                         channel.send(b"d")
                     except OSError:
                         return 0
         finally:
-            if hooks.serve_stop is not None:
-                sockserve.core._hooks.call_hook(self, hooks.serve_stop)
+            self.call_hook("serve_stop")  # type: ignore[attr-defined]
