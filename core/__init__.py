@@ -7,6 +7,7 @@ from ._errors import (
     BindError,
     DatagramTruncatedError,
     HookError,
+    OptionError,
     PathTooLongError,
     PluginClashWarning,
     PluginLoadError,
@@ -17,6 +18,7 @@ from ._errors import (
 )
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from ._hooks import get_plugin_manager
+from ._options import with_options
 from ._plugin_types import AddressFamily, ConcurrencyMixIn, SocketType, Transport
 from ._registry import PluginInfo, Registry, compose, registry
 from ._server import BaseServer
@@ -32,6 +34,7 @@ __all__ = [
     "DatagramRequestHandler",
     "DatagramTruncatedError",
     "HookError",
+    "OptionError",
     "PathTooLongError",
     "PluginClashWarning",
     "PluginInfo",
@@ -49,6 +52,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "registry",
+    "with_options",
 ]
 
 # Report the public home in reprs, tracebacks and pickles.

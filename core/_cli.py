@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._errors import PluginLoadError, SockserveError
+from ._hooks import get_plugin_manager
+from ._options import with_options
 from ._registry import KINDS, registry
 
-__all__ = ["main", "parse_address", "parse_option"]
+__all__ = ["main", "parse_address"]
 
 DEFAULT_ADDRESS = "localhost:9999"
 DEFAULT_HANDLER = "sockserve.core._demo:UpperCaseHandler"
@@ -65,52 +67,6 @@ def parse_address(text: str) -> tuple[Any, str | None]:
     return (host, port), None
 
 
-def _parse_value(key: str, text: str, current: Any) -> Any:
-    if isinstance(current, bool):
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise UsageError(f"option {key}: {text!r} is not a boolean (true/false)")
-    if text.lower() == "none":
-        return None
-    kind = type(current) if isinstance(current, (int, float)) else float
-    try:
-        return kind(text)
-    except ValueError:
-        raise UsageError(f"option {key}: {text!r} is not a valid {kind.__name__}") from None
-
-
-def parse_option(cls: type, text: str) -> tuple[str, Any]:
-    """Parse ``KEY=VALUE`` for a server class setting; the value takes the setting's type.
-
-    :raises UsageError: no ``=``, an unknown key (the message lists the known ones), or a
-        value of the wrong type.
-    """
-    key, sep, value = text.partition("=")
-    key = key.strip().replace("-", "_")
-    settable = _settable(cls)
-    if not sep:
-        raise UsageError(f"option {text!r}: expected KEY=VALUE")
-    if key not in settable:
-        raise UsageError(
-            f"unknown option {key!r} for {cls.__name__}; known options: {', '.join(sorted(settable))}"
-        )
-    return key, _parse_value(key, value, settable[key])
-
-
-def _settable(cls: type) -> dict[str, Any]:
-    settable = {}
-    for klass in reversed(cls.__mro__):
-        for name, value in vars(klass).items():
-            if name.startswith("_") or callable(value) or isinstance(value, (property, classmethod, staticmethod)):
-                continue
-            if value is None or isinstance(value, (bool, int, float)):
-                settable[name] = value
-    return settable
-
-
 def _load_handler(spec: str) -> type:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -142,7 +98,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--concurrency", "-c", default="threading",
                        help="concurrency plugin (default threading)")
     serve.add_argument("--plugin", "-p", action="append", default=[],
-                       help="enable a lifecycle plugin by name (repeatable)")
+                       help="enable a lifecycle plugin by name, or block an auto-loaded one "
+                       "with no:NAME (repeatable)")
     serve.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                        help="set a server setting, e.g. drain_timeout=5 (repeatable)")
     commands.add_parser("plugins", help="list installed plugins with their distributions")
@@ -153,17 +110,26 @@ def _serve(args: argparse.Namespace) -> int:
     address, implied = parse_address(args.address)
     transport = args.transport or implied or "tcp"
     handler = _load_handler(args.handler)
-    plugins = [registry.load("plugin", name) for name in args.plugin]
+    plugins = []
+    for name in args.plugin:
+        if name.startswith("no:"):
+            get_plugin_manager().set_blocked(name[3:])  # keep an auto-loaded plugin out
+        else:
+            plugins.append(registry.load("plugin", name))
     base = registry.compose(transport, args.concurrency, plugins=plugins)
     settings: dict[str, Any] = {
         "request_queue_size": SERVE_BACKLOG,
         "drain_timeout": SERVE_DRAIN_TIMEOUT,
         "allow_reuse_address": True,
     }
+    server_class = with_options(base, settings)
+    options = {}
     for text in args.option:
-        key, value = parse_option(base, text)
-        settings[key] = value
-    server_class = type(base.__name__, (base,), {"__module__": base.__module__, **settings})
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise UsageError(f"option {text!r}: expected KEY=VALUE")
+        options[key.strip()] = value
+    server_class = with_options(server_class, options, from_text=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with server_class(address, handler) as server:
         stopping = []
@@ -210,12 +176,9 @@ def _plugins(out: Any = None) -> int:
     out = out or sys.stdout
     for message in registry.clashes:
         print(f"warning: {message}", file=out)
+    rows = []
     for kind in KINDS:
-        print(f"{_KIND_TITLES[kind]} ({KINDS[kind]}):", file=out)
-        names = registry.names(kind)
-        if not names:
-            print("  (none installed)", file=out)
-        for name in names:
+        for name in registry.names(kind):
             info = registry.info(kind, name)
             dist = info.describe_distribution() or "(built-in, no installed metadata)"
             try:
@@ -223,7 +186,16 @@ def _plugins(out: Any = None) -> int:
                 status = ""
             except PluginLoadError as exc:
                 status = f"  [FAILED: {type(exc.cause).__name__}: {exc.cause}]"
-            print(f"  {name:<12} {dist:<24} {info.value}{status}", file=out)
+            rows.append((kind, name, dist, info.value + status))
+    name_width = max((len(r[1]) for r in rows), default=0)
+    dist_width = max((len(r[2]) for r in rows), default=0)
+    for kind in KINDS:
+        print(f"{_KIND_TITLES[kind]} ({KINDS[kind]}):", file=out)
+        mine = [r for r in rows if r[0] == kind]
+        if not mine:
+            print("  (none installed)", file=out)
+        for _, name, dist, value in mine:
+            print(f"  {name:<{name_width}}  {dist:<{dist_width}}  {value}", file=out)
     return 0
 
 

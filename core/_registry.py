@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import importlib_metadata
 
 from ._errors import PluginClashWarning, PluginLoadError, UnknownPluginError
+from ._options import with_options
 from ._plugin_types import AddressFamily, SocketType, Transport
 
 __all__ = ["Registry", "PluginInfo", "registry", "compose", "KINDS"]
@@ -408,6 +409,7 @@ class Registry:
         socket_type: str | None = None,
         mixins: Sequence[type] = (),
         plugins: Iterable[object] = (),
+        options: Mapping[str, Any] | None = None,
     ) -> type:
         """Return the server class for a transport and a concurrency strategy.
 
@@ -420,9 +422,18 @@ class Registry:
         :param mixins: extra mixin classes, placed after the concurrency mixin and before
             the transport class in the MRO.
         :param plugins: lifecycle plugins that apply to servers of this class only.
+        :param options: settings of the class (``{"workers": 4}``), checked against what
+            the transport, strategy and plugins declare; gives a subclass (not cached).
+        :raises OptionError: an unknown option or a bad value.
         :raises UnknownPluginError: a name is not installed; the message lists what is.
         :raises PluginLoadError: a plugin is installed but fails to load.
         """
+        if options:
+            base = self.compose(
+                transport, concurrency, family=family, socket_type=socket_type,
+                mixins=mixins, plugins=plugins,
+            )
+            return with_options(base, options)
         plugins = tuple(plugins)
         mixins = tuple(mixins)
         key = (transport, concurrency, family, socket_type, mixins, tuple(map(id, plugins)))
