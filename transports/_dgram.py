@@ -47,11 +47,12 @@ class UDPServer(TCPServer):
     def get_request(self) -> tuple[Any, Any]:
         """Receive one datagram: return ``((data, socket), client_address)``."""
         limit = self.max_packet_size
+        sock = self.socket  # looked up once: this runs for every datagram
         # One byte more than the limit: a datagram that fills it was too large.
-        data, client_addr = self.socket.recvfrom(limit + 1)
+        data, client_addr = sock.recvfrom(limit + 1)
         if len(data) > limit:
             raise DatagramTruncatedError(limit, client_addr)
-        return (data, self.socket), client_addr
+        return (data, sock), client_addr
 
     def server_activate(self) -> None:
         """Nothing to listen for; only the activation hook fires."""
