@@ -57,6 +57,7 @@ BUILTIN_ENTRY_POINTS: dict[str, dict[str, str]] = {
         "sync": "sockserve.concurrency._sync:SyncMixIn",
         "threading": "sockserve.concurrency._threading:ThreadingMixIn",
         "forking": "sockserve.concurrency._forking:ForkingMixIn",
+        "threadpool": "sockserve.concurrency._threadpool:ThreadpoolMixIn",
     },
     "sockserve.plugins": {
         "access-log": "sockserve.plugins._accesslog:ACCESS_LOG",

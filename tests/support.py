@@ -18,7 +18,9 @@ import pytest
 import sockserve
 
 TRANSPORTS = ["tcp", "tcp6", "udp", "udp6", "unix", "unix-dgram"]
-CONCURRENCY = ["sync", "threading", "forking"]
+CONCURRENCY = ["sync", "threading", "forking", "threadpool"]
+#: The built-in concurrency plugin names, sorted as the registry lists them.
+BUILTIN_CONCURRENCY = ("forking", "sync", "threading", "threadpool")
 STREAM_TRANSPORTS = {"tcp", "tcp6", "unix"}
 
 def _has_ipv6() -> bool:

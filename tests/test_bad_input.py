@@ -11,7 +11,7 @@ import socketserver
 import pytest
 
 import sockserve
-from support import EchoUpper, no_leaks, requires_af_unix, requires_ipv6
+from support import BUILTIN_CONCURRENCY, EchoUpper, no_leaks, requires_af_unix, requires_ipv6
 
 INET_EXPECTED = (
     "a (host, port) tuple with a str host and an int port 0-65535, e.g. ('127.0.0.1', 8000)"
@@ -200,6 +200,7 @@ def test_unknown_concurrency_in_compose_lists_installed_strategies():
     with pytest.raises(sockserve.UnknownPluginError) as caught:
         sockserve.compose("udp", "asyncio")
     assert str(caught.value) == (
-        "no concurrency plugin named 'asyncio'; installed concurrency plugins: forking, sync, threading"
+        "no concurrency plugin named 'asyncio'; installed concurrency plugins: "
+        + ", ".join(BUILTIN_CONCURRENCY)
     )
-    assert caught.value.installed == ("forking", "sync", "threading")
+    assert caught.value.installed == BUILTIN_CONCURRENCY

@@ -24,7 +24,7 @@ import pytest
 
 import sockserve
 from sockserve.core._cli import UsageError, parse_address
-from support import requires_af_unix, requires_fork, requires_ipv6
+from support import BUILTIN_CONCURRENCY, requires_af_unix, requires_fork, requires_ipv6
 
 #: Seconds a CLI process gets to start serving or to finish: generous for a loaded CI box.
 START_TIMEOUT = 30
@@ -317,7 +317,7 @@ def test_serve_unknown_concurrency_exits_2_listing_installed(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "sockserve: error: no concurrency plugin named 'gevent'; "
-        "installed concurrency plugins: forking, sync, threading"
+        f"installed concurrency plugins: {', '.join(BUILTIN_CONCURRENCY)}"
     )
 
 

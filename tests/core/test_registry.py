@@ -19,7 +19,7 @@ import pytest
 
 import sockserve
 from sockserve.core._registry import BUILTIN_ENTRY_POINTS
-from support import EchoUpper, address_for, exchange, no_leaks, requires_af_unix, serving
+from support import BUILTIN_CONCURRENCY, EchoUpper, address_for, exchange, no_leaks, requires_af_unix, serving
 
 PACKAGE_DIR = Path(sockserve.__file__).resolve().parent
 SUBPROCESS_TIMEOUT = 60
@@ -28,7 +28,7 @@ BUILTIN_NAMES = {
     "family": ["inet", "inet6", "unix"],
     "socket_type": ["dgram", "stream"],
     "transport": ["tcp", "tcp6", "udp", "udp6", "unix", "unix-dgram"],
-    "concurrency": ["forking", "sync", "threading"],
+    "concurrency": list(BUILTIN_CONCURRENCY),
 }
 
 #: The documented concrete classes and the composition each one is.
@@ -362,12 +362,13 @@ def test_unknown_concurrency_lists_installed_names():
         sockserve.compose("tcp", "gevent")
     error = caught.value
     assert str(error) == (
-        "no concurrency plugin named 'gevent'; installed concurrency plugins: forking, sync, threading"
+        "no concurrency plugin named 'gevent'; installed concurrency plugins: "
+        + ", ".join(BUILTIN_CONCURRENCY)
     )
     assert (error.kind, error.plugin_name, error.installed) == (
         "concurrency",
         "gevent",
-        ("forking", "sync", "threading"),
+        BUILTIN_CONCURRENCY,
     )
 
 
@@ -414,7 +415,7 @@ def test_failing_plugin_names_entry_point_cause_and_installed_names(
     value, cause_type, cause_text, tmp_path
 ):
     registry = sockserve.Registry(builtins={"sockserve.concurrency": {"broken": value}})
-    assert registry.names("concurrency") == ["broken", "forking", "sync", "threading"]
+    assert registry.names("concurrency") == ["broken", *BUILTIN_CONCURRENCY]
     with pytest.raises(sockserve.PluginLoadError) as caught:
         registry.compose("tcp", "broken")
     error = caught.value
@@ -426,14 +427,14 @@ def test_failing_plugin_names_entry_point_cause_and_installed_names(
     assert isinstance(error.cause, cause_type)
     assert cause_text in str(error.cause)
     assert error.__cause__ is error.cause
-    assert error.installed == ("forking", "sync", "threading")
+    assert error.installed == BUILTIN_CONCURRENCY
     lines = str(error).splitlines()
     assert lines[0] == "cannot load concurrency plugin 'broken'"
     assert lines[1] == f"  entry point: sockserve.concurrency  broken = {value}"
     assert lines[2] == "  distribution: (no installed distribution)"
     assert lines[3].startswith(f"  cause: {cause_type.__name__}: ") and cause_text in lines[3]
     assert lines[4] == "  fix: fix the module the entry point names"
-    assert lines[5] == "  installed concurrency plugins: forking, sync, threading"
+    assert lines[5] == "  installed concurrency plugins: " + ", ".join(BUILTIN_CONCURRENCY)
 
     # Asking again gives the same report, without importing again.
     with pytest.raises(sockserve.PluginLoadError) as again:
@@ -468,7 +469,7 @@ def test_failing_plugin_of_a_distribution_names_it_and_how_to_fix(tmp_path, monk
         "  distribution: sockserve-gevent 0.2.0",
         "  cause: ModuleNotFoundError: No module named 'sockserve_gevent_missing'",
         "  fix: install what it needs, or uninstall sockserve-gevent so it is not discovered",
-        "  installed concurrency plugins: forking, sync, threading",
+        "  installed concurrency plugins: " + ", ".join(BUILTIN_CONCURRENCY),
     ]
     assert registry.compose("udp", "threading").__name__ == "ThreadingUDPServer"
 
@@ -500,7 +501,7 @@ def test_name_clash_between_distributions_warns_and_the_builtin_wins(tmp_path, m
     clash_warnings = [w for w in caught if issubclass(w.category, sockserve.PluginClashWarning)]
     assert [str(w.message) for w in clash_warnings] == [expected]
     assert registry.clashes == [expected]
-    assert names == ["forking", "sync", "threading"]
+    assert names == list(BUILTIN_CONCURRENCY)
     assert registry.info("concurrency", "threading").distribution == "sockserve"
     assert registry.load("concurrency", "threading") is sockserve.ThreadingMixIn
     assert "sockserve_fake_threads" not in sys.modules
@@ -522,7 +523,7 @@ def test_add_then_remove_a_plugin(tmp_path):
     registry = sockserve.registry
     registry.add("concurrency", "test-inline", InlineMixIn)
     try:
-        assert registry.names("concurrency") == ["forking", "sync", "test-inline", "threading"]
+        assert registry.names("concurrency") == sorted([*BUILTIN_CONCURRENCY, "test-inline"])
         info = registry.info("concurrency", "test-inline")
         assert (info.value, info.distribution, info.version) == ("<added>", None, None)
         assert registry.load("concurrency", "test-inline") is InlineMixIn
@@ -536,10 +537,10 @@ def test_add_then_remove_a_plugin(tmp_path):
             registry.add("concurrency", "test-inline", InlineMixIn)
     finally:
         registry.remove("concurrency", "test-inline")
-    assert registry.names("concurrency") == ["forking", "sync", "threading"]
+    assert registry.names("concurrency") == list(BUILTIN_CONCURRENCY)
     with pytest.raises(sockserve.UnknownPluginError) as caught:
         registry.load("concurrency", "test-inline")
-    assert caught.value.installed == ("forking", "sync", "threading")
+    assert caught.value.installed == BUILTIN_CONCURRENCY
 
 
 def test_add_refuses_an_installed_name_and_a_plugin_of_the_wrong_shape():
@@ -551,7 +552,7 @@ def test_add_refuses_an_installed_name_and_a_plugin_of_the_wrong_shape():
         registry.add("concurrency", "not-a-class", object())
     with pytest.raises(TypeError, match=r"is not a transport \(see sockserve.Transport\)"):
         registry.add("transport", "half", object())
-    assert registry.names("concurrency") == ["forking", "sync", "threading"]
+    assert registry.names("concurrency") == list(BUILTIN_CONCURRENCY)
 
 
 def test_a_removed_name_added_again_composes_with_the_new_plugin():
