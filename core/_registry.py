@@ -58,6 +58,7 @@ BUILTIN_ENTRY_POINTS: dict[str, dict[str, str]] = {
         "threading": "sockserve.concurrency._threading:ThreadingMixIn",
         "forking": "sockserve.concurrency._forking:ForkingMixIn",
         "threadpool": "sockserve.concurrency._threadpool:ThreadpoolMixIn",
+        "prefork": "sockserve.concurrency._prefork:PreforkMixIn",
     },
     "sockserve.plugins": {
         "access-log": "sockserve.plugins._accesslog:ACCESS_LOG",

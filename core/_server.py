@@ -138,10 +138,27 @@ class BaseServer:
         on every turn; ``shutdown()`` interrupts the wait at once. If ``shutdown()`` was
         called before, returns at once without accepting anything.
         """
+        wake_r = self._sockserve_enter_loop()
+        if wake_r is None:
+            return
+        hooks = self._sockserve_hooks
+        try:
+            if hooks.serve_start is not None:
+                call_hook(self, hooks.serve_start)
+            self._sockserve_loop(wake_r, poll_interval)
+        finally:
+            self._sockserve_leave_loop()
+
+    def _sockserve_enter_loop(self) -> socket.socket | None:
+        """Mark the server as serving and make the wake-up socket pair.
+
+        Returns the socket to poll for wake-ups, or None when ``shutdown()`` was called
+        before (the request is consumed and the loop must not run).
+        """
         with self._sockserve_lock:
             if self._sockserve_shutdown_request:
                 self._sockserve_shutdown_request = False
-                return
+                return None
             self._sockserve_is_shut_down.clear()
             self._sockserve_serving_thread = threading.get_ident()
             wake_r, wake_w = socket.socketpair()
@@ -149,44 +166,64 @@ class BaseServer:
             wake_w.setblocking(False)
             self._sockserve_wake = wake_w
             self._sockserve_wake_r = wake_r
+        return wake_r
+
+    def _sockserve_loop(self, wake_r: socket.socket, poll_interval: float | None) -> None:
+        """Accept and handle requests until shutdown is asked for."""
+        hooks = self._sockserve_hooks
+        # A raw poll object, not the selectors wrapper the standard module uses:
+        # selectors builds key objects and lists in Python on every call, which
+        # costs more per request than everything sockserve adds (bench_stdlib.py).
+        poller = _Poller()
+        poller.register(self, _READ)
+        poller.register(wake_r, _READ)
+        timeout = _poll_timeout(poll_interval)
+        # Locals save attribute lookups on every turn of the loop.
+        poll = poller.poll
+        handle = self._handle_request_noblock
+        service_actions = self.service_actions
+        while not self._sockserve_shutdown_request:
+            ready = poll(timeout)
+            # bpo-35017: shutdown() may have been called during poll().
+            if self._sockserve_shutdown_request:
+                break
+            if ready:
+                handle()
+            service_actions()
+            if hooks.service_actions is not None:
+                call_hook(self, hooks.service_actions)
+
+    def _sockserve_leave_loop(self) -> None:
+        """Undo ``_sockserve_enter_loop``, fire ``serve_stop`` and release shutdown()."""
+        with self._sockserve_lock:
+            wake_w, wake_r = self._sockserve_wake, self._sockserve_wake_r
+            self._sockserve_wake = None
+            self._sockserve_wake_r = None
+            if wake_w is not None:
+                wake_w.close()
+            if wake_r is not None:
+                wake_r.close()
+            self._sockserve_shutdown_request = False
+            self._sockserve_serving_thread = None
         hooks = self._sockserve_hooks
         try:
-            if hooks.serve_start is not None:
-                call_hook(self, hooks.serve_start)
-            # A raw poll object, not the selectors wrapper the standard module uses:
-            # selectors builds key objects and lists in Python on every call, which
-            # costs more per request than everything sockserve adds (bench_stdlib.py).
-            poller = _Poller()
-            poller.register(self, _READ)
-            poller.register(wake_r, _READ)
-            timeout = _poll_timeout(poll_interval)
-            # Locals save attribute lookups on every turn of the loop.
-            poll = poller.poll
-            handle = self._handle_request_noblock
-            service_actions = self.service_actions
-            while not self._sockserve_shutdown_request:
-                ready = poll(timeout)
-                # bpo-35017: shutdown() may have been called during poll().
-                if self._sockserve_shutdown_request:
-                    break
-                if ready:
-                    handle()
-                service_actions()
-                if hooks.service_actions is not None:
-                    call_hook(self, hooks.service_actions)
+            if hooks.serve_stop is not None:
+                call_hook(self, hooks.serve_stop)
         finally:
-            with self._sockserve_lock:
-                self._sockserve_wake = None
-                self._sockserve_wake_r = None
-                wake_w.close()
-                wake_r.close()
-                self._sockserve_shutdown_request = False
-                self._sockserve_serving_thread = None
-            try:
-                if hooks.serve_stop is not None:
-                    call_hook(self, hooks.serve_stop)
-            finally:
-                self._sockserve_is_shut_down.set()
+            self._sockserve_is_shut_down.set()
+
+    def _sockserve_after_fork(self) -> None:
+        """Give a forked process its own serving state (not the parent's wake-up socket)."""
+        for sock in (self._sockserve_wake, self._sockserve_wake_r):
+            if sock is not None:
+                sock.close()  # the child's copies; the parent's stay open
+        self._sockserve_lock = threading.Lock()
+        self._sockserve_shutdown_request = False
+        self._sockserve_is_shut_down = threading.Event()
+        self._sockserve_is_shut_down.set()
+        self._sockserve_serving_thread = None
+        self._sockserve_wake = None
+        self._sockserve_wake_r = None
 
     def shutdown(self) -> None:
         """Stop the ``serve_forever`` loop and wait until it has stopped.

@@ -29,6 +29,9 @@ __all__ = [
     "sockserve_request_finish",
     "sockserve_handle_error",
     "sockserve_server_close",
+    "sockserve_pre_fork",
+    "sockserve_post_fork",
+    "sockserve_worker_exit",
 ]
 
 #: The pluggy project name; markers and the plugin manager share it.
@@ -176,6 +179,51 @@ def sockserve_handle_error(
         ``False`` or ``None`` to let the server's ``handle_error`` report it.
 
     For error reporting services. Must not raise.
+    """
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+@hookspec
+def sockserve_pre_fork(server: BaseServer, worker_id: int) -> None:
+    """React to a worker process about to be forked (``prefork`` strategy).
+
+    Fires in the parent's serving thread before each fork, also for a replacement.
+    Every implementation runs.
+
+    :param server: the parent's server.
+    :param worker_id: the worker's slot, 0 to ``workers - 1`` (a replacement keeps the
+        slot of the worker it replaces).
+
+    For closing what the child must not inherit.
+    """
+
+
+@hookspec
+def sockserve_post_fork(server: BaseServer, worker_id: int) -> None:
+    """React to being a freshly forked worker process (``prefork`` strategy).
+
+    Fires in the worker, before it starts accepting. Every implementation runs.
+
+    :param server: the worker's copy of the server (``server.worker_id`` is set).
+    :param worker_id: the worker's slot.
+
+    For per-process set-up: reopen connections, seed random generators.
+    """
+
+
+@hookspec
+def sockserve_worker_exit(server: BaseServer, worker_id: int, status: int) -> None:
+    """React to a worker process having exited (``prefork`` strategy).
+
+    Fires in the parent's serving thread after the worker was reaped, whether it is
+    being replaced or the server is stopping. Every implementation runs.
+
+    :param server: the parent's server.
+    :param worker_id: the worker's slot.
+    :param status: its exit code as ``os.waitstatus_to_exitcode`` gives it (negative:
+        killed by that signal).
     """
 
 

@@ -18,9 +18,9 @@ import pytest
 import sockserve
 
 TRANSPORTS = ["tcp", "tcp6", "udp", "udp6", "unix", "unix-dgram"]
-CONCURRENCY = ["sync", "threading", "forking", "threadpool"]
+CONCURRENCY = ["sync", "threading", "forking", "threadpool", "prefork"]
 #: The built-in concurrency plugin names, sorted as the registry lists them.
-BUILTIN_CONCURRENCY = ("forking", "sync", "threading", "threadpool")
+BUILTIN_CONCURRENCY = ("forking", "prefork", "sync", "threading", "threadpool")
 STREAM_TRANSPORTS = {"tcp", "tcp6", "unix"}
 
 def _has_ipv6() -> bool:
@@ -56,7 +56,7 @@ def skip_unless_supported(transport: str, concurrency: str) -> None:
         pytest.skip("requires_ipv6: no IPv6 loopback")
     if transport.startswith("unix") and not hasattr(socket, "AF_UNIX"):
         pytest.skip("requires_af_unix: no AF_UNIX")
-    if concurrency == "forking" and not hasattr(os, "fork"):
+    if concurrency in ("forking", "prefork") and not hasattr(os, "fork"):
         pytest.skip("requires_fork: no os.fork")
 
 
