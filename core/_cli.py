@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._errors import PluginLoadError, SockserveError
-from ._hooks import get_plugin_manager
+from ._hooks import block_plugins
 from ._options import with_options
 from ._registry import KINDS, registry
 
@@ -110,12 +110,10 @@ def _serve(args: argparse.Namespace) -> int:
     address, implied = parse_address(args.address)
     transport = args.transport or implied or "tcp"
     handler = _load_handler(args.handler)
-    plugins = []
-    for name in args.plugin:
-        if name.startswith("no:"):
-            get_plugin_manager().set_blocked(name[3:])  # keep an auto-loaded plugin out
-        else:
-            plugins.append(registry.load("plugin", name))
+    # Blocked before the manager auto-loads, so that (as with SOCKSERVE_BLOCK_PLUGINS) a
+    # blocked plugin is not even imported.
+    block_plugins(name[3:] for name in args.plugin if name.startswith("no:"))
+    plugins = [registry.load("plugin", name) for name in args.plugin if not name.startswith("no:")]
     base = registry.compose(transport, args.concurrency, plugins=plugins)
     settings: dict[str, Any] = {
         "request_queue_size": SERVE_BACKLOG,
@@ -174,6 +172,8 @@ _KIND_TITLES = {
 
 def _plugins(out: Any = None) -> int:
     out = out or sys.stdout
+    for kind in KINDS:
+        registry.names(kind)  # discover first: clashes are found by discovery
     for message in registry.clashes:
         print(f"warning: {message}", file=out)
     rows = []

@@ -21,7 +21,7 @@ import pluggy
 from . import hookspecs
 from ._errors import HookError, PluginLoadError, PluginLoadWarning
 
-__all__ = ["HookRelay", "get_plugin_manager", "relay_for", "call_hook", "AUTOLOAD_ENV"]
+__all__ = ["HookRelay", "get_plugin_manager", "block_plugins", "relay_for", "call_hook", "AUTOLOAD_ENV"]
 
 #: Environment variable that stops automatic loading of the ``sockserve.plugins`` group.
 AUTOLOAD_ENV = "SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD"
@@ -95,6 +95,22 @@ class HookRelay:
 
 _manager: PluginManager | None = None
 _manager_lock = threading.Lock()
+#: Names given to block_plugins() (added to those in SOCKSERVE_BLOCK_PLUGINS).
+_blocked: set[str] = set()
+
+
+def block_plugins(names: Iterable[str]) -> None:
+    """Keep the auto-loaded plugins *names* out of this process.
+
+    Called before the plugin manager is first used, they are not even imported.
+    """
+    names = set(names)
+    with _manager_lock:
+        _blocked.update(names)
+        manager = _manager
+    if manager is not None:
+        for name in names:
+            manager.set_blocked(name)
 _relays: dict[tuple[int, ...], HookRelay] = {}
 
 
@@ -126,7 +142,7 @@ def _autoload(manager: PluginManager) -> None:
     """
     from ._registry import registry
 
-    blocked = {n.strip() for n in os.environ.get(BLOCK_ENV, "").split(",") if n.strip()}
+    blocked = {n.strip() for n in os.environ.get(BLOCK_ENV, "").split(",") if n.strip()} | _blocked
     for name in blocked:
         manager.set_blocked(name)
     for name in registry.names("plugin"):

@@ -149,7 +149,10 @@ def with_options(server_class: type, options: Mapping[str, Any], *, from_text: b
             try:
                 field.validator(None, field, value)
             except (TypeError, ValueError) as exc:
-                raise OptionError(key, value, str(exc)) from exc
+                # attrs' own validators raise with (message, field, expected, value) as
+                # args; str() of that is the tuple's repr. The message is args[0].
+                problem = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+                raise OptionError(key, value, problem) from exc
     namespace = {"__module__": server_class.__module__, "__qualname__": server_class.__qualname__,
                  "__doc__": server_class.__doc__, **values}
     return type(server_class.__name__, (server_class,), namespace)

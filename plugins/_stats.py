@@ -26,6 +26,9 @@ __all__ = ["Stats", "STATS", "BUCKETS"]
 #: that range, and a decade per bucket keeps the summary one readable line.
 BUCKETS = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
 COUNTERS = ("accepted", "denied", "finished", "failed")
+#: Longest server_close() waits for running requests when the server sets no
+#: drain_timeout (the strategy itself waits for them right after, without limit).
+CLOSE_WAIT = 10.0
 
 
 class _Shared:
@@ -34,7 +37,13 @@ class _Shared:
     def __init__(self) -> None:
         ctx = multiprocessing.get_context("fork") if hasattr(multiprocessing, "get_context") else multiprocessing
         self.values = ctx.RawArray("q", len(COUNTERS) + len(BUCKETS) + 1)
+        self.started = ctx.RawValue("q", 0)
         self.lock = ctx.Lock()
+
+    def running(self) -> int:
+        """Requests whose handler started and has not finished yet."""
+        with self.lock:
+            return self.started.value - self.values[2] - self.values[3]
 
     def add(self, index: int, amount: int = 1) -> None:
         with self.lock:
@@ -89,8 +98,11 @@ class Stats:
         return verdict
 
     @hookimpl
-    def sockserve_request_start(self) -> None:
+    def sockserve_request_start(self, server: Any) -> None:
         self._local.started = time.perf_counter()
+        shared = self._shared(server)
+        with shared.lock:
+            shared.started.value += 1
 
     @hookimpl
     def sockserve_request_finish(self, server: Any, exc: BaseException | None) -> None:
@@ -104,6 +116,15 @@ class Stats:
 
     @hookimpl
     def sockserve_server_close(self, server: Any) -> None:
+        # This hook fires before the strategy waits for the requests still running
+        # (core/hookspecs.py). Wait for them here as the strategy is about to, so that the
+        # summary counts them.
+        if getattr(server, "block_on_close", False) and not getattr(server, "daemon_threads", False):
+            drain = getattr(server, "drain_timeout", None)
+            deadline = time.monotonic() + (CLOSE_WAIT if drain is None else drain)
+            shared = self._shared(server)
+            while shared.running() > 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
         snap = self.snapshot(server)
         histogram = " ".join(
             f"<={bound * 1000:g}ms:{n}" if bound != float("inf") else f"slower:{n}"
