@@ -1,0 +1,403 @@
+"""Side-by-side benchmark: the example ``processpool`` strategy against ``ForkingTCPServer``.
+
+    python benchmarks/bench_processpool.py [--rounds 5] [--duration 2] [--slice 0.25]
+                                           [--warmup 0.5] [--clients 2] [--threads 2]
+                                           [--workers 2] [--json PATH]
+
+Needs the example distribution installed in the environment that runs it (this script
+installs nothing)::
+
+    pip install ./examples/sockserve-processpool
+
+for instance in a virtual environment of its own::
+
+    python3 -m venv /tmp/v3 && /tmp/v3/bin/pip install -e . \\
+        && cp -r examples/sockserve-processpool /tmp/pp && /tmp/v3/bin/pip install /tmp/pp
+    /tmp/v3/bin/python benchmarks/bench_processpool.py
+
+(copy the example first: setuptools builds in the source tree.)
+
+Scenario: connection-per-request echo. A client connects, sends 64 bytes, reads them back
+and closes. The same handler code runs on both servers, its base class taken from the
+module under test:
+
+- ``stdlib``: the standard ``socketserver.ForkingTCPServer``, a new child process per
+  connection;
+- ``processpool``: ``sockserve.compose("tcp", "processpool", options={"workers": 2})``,
+  long-lived workers that receive each accepted socket over a Unix socket pair.
+
+Method. Each server runs in a subprocess of its own (each imports only its module), and
+the load comes from ``--clients`` separate client processes of ``--threads`` threads each,
+so no GIL is shared between a client and a server or between the two servers. A round
+starts a fresh server of each kind; all client threads switch between the two servers
+together every ``--slice`` seconds, on the shared monotonic clock, until each server has
+had ``--duration`` seconds; which one goes first alternates from round to round. A slow
+patch of a busy machine therefore hits both alike, and each round gives a paired ratio.
+
+Measured per server and round: requests/s (requests completed in its slices / its time),
+the median request time, errors, and CPU per request (the server process and all its
+children, user + system, over every request it served in that round, warm-up included;
+every child has been reaped when it reports).
+
+Reported: the median over rounds of each figure, ratio = processpool / stdlib of the
+medians (throughput: >1 means processpool is faster; CPU and latency: <1 means cheaper),
+the min-max of the per-round ratios, and one line starting with ``SUMMARY``.
+
+Bounds: servers bind 127.0.0.1 port 0 only; every child has a watchdog ending it after a
+fixed lifetime; client sockets have timeouts; the parent reads children's output with
+timeouts and, whatever happens, kills every child it started, by pid, at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import resource
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+BASELINE = "stdlib"
+CANDIDATE = "processpool"
+KINDS = (BASELINE, CANDIDATE)
+PAYLOAD = b"0123456789abcdef" * 4  # 64 bytes
+HOST = "127.0.0.1"
+#: serve_forever's poll interval in the servers: the documented default, as users run it.
+POLL_INTERVAL = 0.5
+#: Timeout of every client socket operation: generous for loopback, short enough that a
+#: dead server shows up as errors instead of a stall.
+CLIENT_TIMEOUT = 2.0
+#: Seconds a child may live past its planned work before its watchdog ends it.
+CHILD_GRACE = 30.0
+#: Seconds the parent waits for one line of a child's output before giving up.
+LINE_TIMEOUT = 30.0
+#: listen() backlog of both servers: the documented 5 drops connections under this load
+#: (refused connects would then be measured instead of the strategies).
+BACKLOG = 128
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def _echo(self: Any) -> None:
+    """Read one payload from the connection and send it back."""
+    sock = self.request
+    data = b""
+    while len(data) < len(PAYLOAD):
+        chunk = sock.recv(len(PAYLOAD) - len(data))
+        if not chunk:
+            break
+        data += chunk
+    sock.sendall(data)
+
+
+def _watchdog(seconds: float) -> None:
+    timer = threading.Timer(seconds, os._exit, args=(3,))
+    timer.daemon = True
+    timer.start()
+
+
+def _cpu_seconds() -> float:
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def serve_main(kind: str, workers: int, max_life: float) -> None:
+    """Child: serve with *kind*; print PORT, then on 'stop' (or EOF) close and print JSON."""
+    _watchdog(max_life)
+    if kind == BASELINE:
+        import socketserver as module
+
+        cls = type("Server", (module.ForkingTCPServer,), {"request_queue_size": BACKLOG})
+    else:
+        import sockserve as module
+
+        cls = module.compose(
+            "tcp", "processpool", options={"workers": workers, "request_queue_size": BACKLOG}
+        )
+    handler = type("EchoHandler", (module.BaseRequestHandler,), {"handle": _echo})
+    server = cls((HOST, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(POLL_INTERVAL,))
+    thread.start()
+    print(f"PORT {server.server_address[1]}", flush=True)
+    for line in sys.stdin:  # EOF (the parent went away) ends the loop as 'stop' does
+        if line.strip() == "stop":
+            break
+    server.shutdown()
+    thread.join(CHILD_GRACE)
+    server.server_close()  # reaps every child/worker, so their CPU time is counted
+    if kind == BASELINE:
+        # server_close() waited for the children (block_on_close); reap anything left
+        # anyway, so that every child's CPU time is in RUSAGE_CHILDREN.
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+    print(json.dumps({"cpu": _cpu_seconds(), "pid": os.getpid()}), flush=True)
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def _request(port: int) -> bool:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CLIENT_TIMEOUT)
+        sock.connect((HOST, port))
+        sock.sendall(PAYLOAD)
+        data = b""
+        while len(data) < len(PAYLOAD):
+            chunk = sock.recv(len(PAYLOAD) - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data == PAYLOAD
+    finally:
+        sock.close()
+
+
+def _load(ports: list[int], start: float, stop: float, slice_: float, first: int,
+          out: list[dict[str, Any]]) -> None:
+    """One client thread: from *start* to *stop* (monotonic), the server of the current slice."""
+    latencies: list[list[float]] = [[], []]
+    errors = [0, 0]
+    now = time.monotonic()
+    if now < start:
+        time.sleep(start - now)
+    while True:
+        began = time.monotonic()
+        if began >= stop:
+            break
+        target = (int((began - start) / slice_) + first) % 2
+        try:
+            ok = _request(ports[target])
+        except OSError:
+            ok = False
+        if ok:
+            latencies[target].append(time.monotonic() - began)
+        else:
+            errors[target] += 1
+    out.append({"latencies": latencies, "errors": errors})
+
+
+def client_main(ports: list[int], first: int, start: float, warmup: float, duration: float,
+                slice_: float, threads: int) -> None:
+    """Child: warm both servers up, then load them in alternating slices; print JSON."""
+    _watchdog(start - time.monotonic() + warmup + 2 * duration + CHILD_GRACE)
+    warm = 0
+    deadline = time.monotonic() + warmup
+    while time.monotonic() < deadline:
+        for port in ports:
+            try:
+                warm += _request(port)
+            except OSError:
+                pass
+    begin = max(start, time.monotonic())
+    results: list[dict[str, Any]] = []
+    workers = [
+        threading.Thread(target=_load, args=(ports, begin, begin + 2 * duration, slice_, first, results))
+        for _ in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(2 * duration + CHILD_GRACE)
+    merged = []
+    for target in range(2):
+        times = [t for r in results for t in r["latencies"][target]]
+        merged.append({
+            "done": len(times),
+            "errors": sum(r["errors"][target] for r in results),
+            "median": statistics.median(times) if times else float("nan"),
+        })
+    print(json.dumps({"warm": warm, "servers": merged}), flush=True)
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+def _read_line(proc: subprocess.Popen[str], what: str, timeout: float = LINE_TIMEOUT) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise RuntimeError(f"no output from {what} within {timeout:.0f}s")
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{what} exited ({proc.wait(LINE_TIMEOUT)}) without output")
+    return line
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(LINE_TIMEOUT)
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
+def run_round(first: int, args: argparse.Namespace, children: list[subprocess.Popen[str]]) -> dict[str, dict[str, float]]:
+    """Start a fresh server of each kind, load them in alternation; return figures per kind."""
+    life = args.warmup + 2 * args.duration + CHILD_GRACE + 10
+    me = os.path.abspath(__file__)
+    servers = {}
+    for kind in KINDS:
+        proc = subprocess.Popen(
+            [sys.executable, me, "_serve", kind, str(args.workers), str(life)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        children.append(proc)
+        servers[kind] = proc
+    ports = []
+    for kind in KINDS:
+        line = _read_line(servers[kind], f"the {kind} server")
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"{kind} server said {line!r}")
+        ports.append(int(line.split()[1]))
+    start = time.monotonic() + 0.5 + args.warmup
+    clients = []
+    for _ in range(args.clients):
+        proc = subprocess.Popen(
+            [sys.executable, me, "_client", str(ports[0]), str(ports[1]), str(first), repr(start),
+             str(args.warmup), str(args.duration), str(args.slice), str(args.threads)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+        )
+        children.append(proc)
+        clients.append(proc)
+    reports = []
+    for proc in clients:
+        planned = start - time.monotonic() + 2 * args.duration
+        reports.append(json.loads(_read_line(proc, "a client", planned + LINE_TIMEOUT)))
+        proc.wait(LINE_TIMEOUT)
+    cpu = {}
+    for kind, proc in servers.items():
+        assert proc.stdin is not None
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        cpu[kind] = json.loads(_read_line(proc, f"the {kind} server"))["cpu"]
+        proc.wait(LINE_TIMEOUT)
+    warm = sum(r["warm"] for r in reports)
+    result = {}
+    for index, kind in enumerate(KINDS):
+        done = sum(r["servers"][index]["done"] for r in reports)
+        served = done + warm / 2  # warm-up requests went to both alike
+        result[kind] = {
+            "rps": done / args.duration,
+            "median_ms": statistics.median(r["servers"][index]["median"] for r in reports) * 1000,
+            "errors": sum(r["servers"][index]["errors"] for r in reports),
+            "cpu_per_req_us": cpu[kind] / served * 1e6 if served else float("nan"),
+        }
+    return result
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per server per round")
+    parser.add_argument("--slice", type=float, default=0.25, help="seconds before switching server")
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--threads", type=int, default=2, help="threads per client process")
+    parser.add_argument("--workers", type=int, default=2, help="processpool workers")
+    parser.add_argument("--json", help="write every round's figures here")
+    args = parser.parse_args(argv)
+    if importlib.util.find_spec("sockserve_processpool") is None:
+        print(
+            "bench_processpool: the example distribution is not installed in this environment;\n"
+            "  pip install ./examples/sockserve-processpool   (see this script's docstring)",
+            file=sys.stderr,
+        )
+        return 2
+    children: list[subprocess.Popen[str]] = []
+    try:
+        print(
+            f"# {datetime.datetime.now().isoformat(timespec='seconds')}  Python "
+            f"{platform.python_version()}  {platform.machine()}  cpus={os.cpu_count()}  "
+            f"load={os.getloadavg()[0]:.2f}"
+        )
+        print(
+            f"# connection-per-request echo, {len(PAYLOAD)} bytes; rounds={args.rounds} "
+            f"duration={args.duration}s/server slice={args.slice}s warmup={args.warmup}s "
+            f"clients={args.clients}x{args.threads} threads; processpool workers={args.workers}"
+        )
+        rounds: list[dict[str, dict[str, float]]] = []
+        for rnd in range(args.rounds):
+            first = rnd % 2
+            result = run_round(first, args, children)
+            rounds.append(result)
+            print(
+                f"# round {rnd + 1}/{args.rounds} (first {KINDS[first]}): "
+                + "  ".join(
+                    f"{k} {result[k]['rps']:.0f} req/s p50 {result[k]['median_ms']:.2f}ms "
+                    f"cpu {result[k]['cpu_per_req_us']:.0f}us errors {result[k]['errors']}"
+                    for k in KINDS
+                )
+                + f"  ratio {_ratio(result[CANDIDATE]['rps'], result[BASELINE]['rps']):.2f}",
+                flush=True,
+            )
+        summary = {}
+        for figure in ("rps", "median_ms", "cpu_per_req_us"):
+            medians = {k: statistics.median(r[k][figure] for r in rounds) for k in KINDS}
+            per_round = [_ratio(r[CANDIDATE][figure], r[BASELINE][figure]) for r in rounds]
+            summary[figure] = {
+                **medians,
+                "ratio": _ratio(medians[CANDIDATE], medians[BASELINE]),
+                "min": min(per_round),
+                "max": max(per_round),
+            }
+        errors = {k: sum(r[k]["errors"] for r in rounds) for k in KINDS}
+        print()
+        print(f"{'figure':<16}{BASELINE:>14}{CANDIDATE:>14}{'ratio':>9}  per-round ratios")
+        for figure, label in (("rps", "requests/s"), ("median_ms", "p50 ms"), ("cpu_per_req_us", "cpu/req us")):
+            s = summary[figure]
+            print(f"{label:<16}{s[BASELINE]:>14.2f}{s[CANDIDATE]:>14.2f}{s['ratio']:>9.2f}  "
+                  f"{s['min']:.2f}-{s['max']:.2f}")
+        print(f"errors: {errors}")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"args": vars(args), "rounds": rounds, "summary": summary}, fh, indent=1)
+        s = summary["rps"]
+        print(
+            f"SUMMARY processpool(workers={args.workers}) vs ForkingTCPServer, connection-per-request "
+            f"echo: throughput {s['ratio']:.2f}x ({s['min']:.2f}-{s['max']:.2f}) "
+            f"[{s[CANDIDATE]:.0f} vs {s[BASELINE]:.0f} req/s] | p50 latency "
+            f"{summary['median_ms']['ratio']:.2f}x | cpu/req {summary['cpu_per_req_us']['ratio']:.2f}x "
+            f"| errors {errors[CANDIDATE]} vs {errors[BASELINE]}"
+        )
+        return 0
+    finally:
+        for child in children:
+            _kill(child)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_serve":
+        serve_main(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_client":
+        client_main(
+            [int(sys.argv[2]), int(sys.argv[3])], int(sys.argv[4]), float(sys.argv[5]),
+            float(sys.argv[6]), float(sys.argv[7]), float(sys.argv[8]), int(sys.argv[9]),
+        )
+    else:
+        sys.exit(main(sys.argv[1:]))

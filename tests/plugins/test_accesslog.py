@@ -1,0 +1,198 @@
+"""The ``access-log`` plugin (plugins/_accesslog.py): one line per request on logger
+``sockserve.access``, written where the request ran, for every concurrency strategy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sockserve
+from support import no_leaks, requires_af_unix, requires_fork, serving
+
+ACCESS_LOG = sockserve.registry.load("plugin", "access-log")
+#: ``client duration outcome``, as the plugin's docstring shows it.
+LINE = re.compile(
+    r"^(?P<client>\S+) (?P<ms>\d+\.\d\d)ms (?P<outcome>ok|error (?P<exc>\w+): (?P<text>.*))$"
+)
+#: How long the handler sleeps for a b"slow" request: the logged duration includes it.
+SLOW = 0.05
+
+
+class Handler(sockserve.BaseRequestHandler):
+    """Upper-case echo; b"fail" raises ValueError, b"slow" sleeps SLOW seconds first."""
+
+    def handle(self) -> None:
+        chunks = []
+        while chunk := self.request.recv(65536):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        if data == b"fail":
+            raise ValueError("bad request")
+        if data == b"slow":
+            time.sleep(SLOW)
+        self.request.sendall(data.upper())
+
+
+class Quiet:
+    """Keep the expected handler error's traceback out of the test output."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
+def request(address: Any, payload: bytes, family: int = socket.AF_INET) -> tuple[str, bytes]:
+    """Send *payload*; return the client's own address as the log shows it, and the reply."""
+    with socket.socket(family, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
+        client.connect(address)
+        if family == socket.AF_INET:
+            host, port = client.getsockname()
+            shown = f"{host}:{port}"
+        else:
+            shown = "-"  # an unbound Unix client has no address
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := client.recv(65536):
+            chunks.append(chunk)
+    return shown, b"".join(chunks)
+
+
+PAYLOADS = [b"hello", b"fail", b"slow", b"bye"]
+
+
+def check_lines(lines: list[tuple[int, str]], clients: list[str]) -> None:
+    """One line per request, in order: (level, message) against the clients that sent them."""
+    assert len(lines) == len(PAYLOADS), lines
+    for (level, message), client, payload in zip(lines, clients, PAYLOADS):
+        match = LINE.match(message)
+        assert match, message
+        assert match["client"] == client
+        if payload == b"fail":
+            assert (level, match["exc"], match["text"]) == (logging.WARNING, "ValueError", "bad request")
+        else:
+            assert (level, match["outcome"]) == (logging.INFO, "ok")
+        if payload == b"slow":
+            assert float(match["ms"]) >= SLOW * 1000
+
+
+@pytest.mark.parametrize("concurrency", ["sync", "threading"])
+def test_one_line_per_request_with_client_duration_and_outcome(concurrency, caplog):
+    cls = type("Server", (Quiet, sockserve.compose("tcp", concurrency, plugins=[ACCESS_LOG])), {})
+    caplog.set_level(logging.INFO, logger="sockserve.access")
+    with no_leaks():
+        with serving(cls(("127.0.0.1", 0), Handler)) as server:
+            serving_thread = None
+            clients = []
+            for payload in PAYLOADS:
+                shown, reply = request(server.server_address, payload)
+                clients.append(shown)
+                assert reply == (b"" if payload == b"fail" else payload.upper())
+            for thread in threading.enumerate():
+                if thread.name.endswith("(serve_forever)"):
+                    serving_thread = thread.ident
+    records = [r for r in caplog.records if r.name == "sockserve.access"]
+    check_lines([(r.levelno, r.getMessage()) for r in records], clients)
+    # Written where the request ran: the serving thread for sync, a request thread otherwise.
+    # (Thread ids of finished threads are reused, so distinct requests may share one.)
+    assert serving_thread is not None
+    threads = {r.thread for r in records}
+    if concurrency == "sync":
+        assert threads == {serving_thread}
+    else:
+        assert serving_thread not in threads
+
+
+@requires_af_unix
+def test_a_unix_client_without_an_address_is_shown_as_a_dash(caplog, tmp_path):
+    cls = type("Server", (Quiet, sockserve.compose("unix", "threading", plugins=[ACCESS_LOG])), {})
+    caplog.set_level(logging.INFO, logger="sockserve.access")
+    with serving(cls(str(tmp_path / "access.sock"), Handler)) as server:
+        clients = [request(server.server_address, p, socket.AF_UNIX)[0] for p in PAYLOADS]
+    records = [r for r in caplog.records if r.name == "sockserve.access"]
+    check_lines([(r.levelno, r.getMessage()) for r in records], clients)
+    assert clients == ["-"] * len(PAYLOADS)
+
+
+@requires_fork
+def test_forked_children_write_their_own_lines(tmp_path):
+    """The line is written in the child that ran the request (a file handler sees it)."""
+    path = tmp_path / "access.log"
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(process)d %(levelno)d %(message)s"))
+    logger = logging.getLogger("sockserve.access")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        cls = type("Server", (Quiet, sockserve.compose("tcp", "forking", plugins=[ACCESS_LOG])), {})
+        with serving(cls(("127.0.0.1", 0), Handler)) as server:
+            clients = [request(server.server_address, p)[0] for p in PAYLOADS]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+    # serving() closed the server, which waited for every child: all lines are in.
+    written = [line.split(" ", 2) for line in path.read_text(encoding="utf-8").splitlines()]
+    check_lines([(int(level), message) for _, level, message in written], clients)
+    pids = [int(pid) for pid, _, _ in written]
+    assert os.getpid() not in pids and len(set(pids)) == len(PAYLOADS)
+
+
+def test_only_the_class_composed_with_it_logs(caplog):
+    caplog.set_level(logging.INFO, logger="sockserve.access")
+    with serving(sockserve.ThreadingTCPServer(("127.0.0.1", 0), Handler)) as server:
+        assert request(server.server_address, b"plain")[1] == b"PLAIN"
+    assert not [r for r in caplog.records if r.name == "sockserve.access"]
+
+
+PROBE = """
+import json, sockserve
+manager = sockserve.get_plugin_manager()
+plugin = sockserve.registry.load("plugin", "{name}")
+print(json.dumps({{
+    "listed": "{name}" in sockserve.registry.names("plugin"),
+    "registered": manager.get_plugin("{name}") is not None or plugin in manager.get_plugins(),
+    "autoload_attribute": getattr(plugin, "sockserve_autoload", True),
+    "control_registered": manager.get_plugin("probe") is not None,
+}}))
+"""
+
+
+def test_access_log_is_listed_but_not_registered_by_autoload(tmp_path):
+    """Opt-in: autoload runs (a control plugin is registered) but leaves access-log out."""
+    site = tmp_path / "site"
+    dist_info = site / "sockserve_probe-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: sockserve-probe\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[sockserve.plugins]\nprobe = accesslog_probe\n")
+    (site / "accesslog_probe.py").write_text(textwrap.dedent("""
+        import sockserve
+
+        @sockserve.hookimpl
+        def sockserve_server_close(server):
+            pass
+    """))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD", "SOCKSERVE_BLOCK_PLUGINS")}
+    env["PYTHONPATH"] = str(site)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(name="access-log")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {
+        "listed": True, "registered": False, "autoload_attribute": False, "control_registered": True,
+    }
