@@ -35,9 +35,13 @@ class ThreadPool:
         self._server = server
         self._size = size
         self._queue: deque[tuple[Any, Any]] = deque()
-        # Free places: running plus waiting requests may not exceed size + backlog.
-        self._slots = threading.Semaphore(size + backlog)
-        self._ready = threading.Condition(threading.Lock())
+        # Running plus waiting requests may not exceed size + backlog.
+        self._limit = size + backlog
+        self._in_pool = 0
+        lock = threading.Lock()
+        self._ready = threading.Condition(lock)  # workers wait here for requests
+        self._space = threading.Condition(lock)  # submit waits here for room
+        self._interrupted = False
         self._closing = False
         #: The request each worker is running (None when idle), for cut-off at a deadline.
         self.running: dict[threading.Thread, Any] = {}
@@ -49,18 +53,46 @@ class ThreadPool:
             thread.start()
 
     def submit(self, request: Any, client_address: Any) -> None:
-        """Queue a request; block while ``size + backlog`` requests are in the pool."""
-        self._slots.acquire()
+        """Queue a request; block while ``size + backlog`` requests are in the pool.
+
+        ``interrupt()`` ends the wait: the request is queued over the limit, so that a
+        shutdown is not held up by a full pool and nothing accepted is lost.
+        """
         with self._ready:
+            while self._in_pool >= self._limit and not self._interrupted:
+                self._space.wait()
+            self._interrupted = False
+            self._in_pool += 1
             self._queue.append((request, client_address))
             self._ready.notify()
+
+    def wait_for_room(self) -> bool:
+        """Wait until another request fits in the pool; False if ``interrupt()`` ended it.
+
+        The serving thread calls this before it accepts, so that a full pool leaves new
+        connections in the kernel's listen backlog instead of accepting and holding them.
+        """
+        with self._ready:
+            while self._in_pool >= self._limit:
+                if self._interrupted:
+                    self._interrupted = False
+                    return False
+                self._space.wait()
+            return True
+
+    def interrupt(self) -> None:
+        """Wake a ``submit`` waiting for room (the server is shutting down)."""
+        with self._ready:
+            if self._in_pool >= self._limit:
+                self._interrupted = True
+                self._space.notify_all()
 
     def _work(self) -> None:
         me = threading.current_thread()
         queue = self._queue
         ready = self._ready
         run = self._server.run_request
-        release = self._slots.release
+        space = self._space
         while True:
             with ready:
                 while not queue:
@@ -75,7 +107,9 @@ class ThreadPool:
                 log.exception("request thread %s: unexpected error", me.name)
             finally:
                 self.running[me] = None
-                release()
+                with ready:
+                    self._in_pool -= 1
+                    space.notify()
 
     def close(self, wait: bool, deadline: float | None) -> int:
         """Stop the workers; with *wait*, let queued and running requests finish first.
@@ -93,6 +127,7 @@ class ThreadPool:
                 while self._queue:
                     request, _ = self._queue.popleft()
                     self._server.shutdown_request(request)
+                    self._in_pool -= 1
                     dropped += 1
             self._ready.notify_all()
         if not wait:
@@ -107,6 +142,7 @@ class ThreadPool:
             while self._queue:  # not started by the deadline: drop them
                 request, _ = self._queue.popleft()
                 self._server.shutdown_request(request)
+                self._in_pool -= 1
                 dropped += 1
         running = [r for t in late if (r := self.running.get(t)) is not None]
         self._server._sockserve_cut_off(running)

@@ -300,6 +300,20 @@ class PreforkMixIn:
         shared.close()
         self.socket = own
 
+    def shutdown(self) -> None:
+        """Stop serving (in a worker, also when it waits for room in a full thread pool)."""
+        pool = getattr(self, "_prefork_pool", None)
+        if pool is not None:
+            pool.interrupt()
+        super().shutdown()  # type: ignore[misc]
+
+    def get_request(self) -> Any:
+        """In a worker with a thread pool, accept only when the pool has room."""
+        pool = getattr(self, "_prefork_pool", None)
+        if pool is not None and not pool.wait_for_room():
+            raise InterruptedError("shutting down while the pool was full")
+        return super().get_request()  # type: ignore[misc]
+
     def process_request(self, request: Any, client_address: Any) -> None:
         """In a worker: run the request with the inner strategy; count for max_requests."""
         pool = self._prefork_pool

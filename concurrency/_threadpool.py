@@ -54,12 +54,28 @@ class ThreadpoolMixIn:
     block_on_close = True
     _pool: ThreadPool | None = None
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Queue the request for the pool (blocks while the pool is full)."""
+    def _threadpool(self) -> ThreadPool:
         pool = self._pool
         if pool is None:
             pool = self._pool = ThreadPool(self, self.workers, self.backlog, self.daemon_threads)
-        pool.submit(request, client_address)
+        return pool
+
+    def get_request(self) -> Any:
+        """Wait for room in the pool, then accept (a full pool accepts nothing)."""
+        if not self._threadpool().wait_for_room():
+            raise InterruptedError("shutting down while the pool was full")
+        return super().get_request()  # type: ignore[misc]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Queue the request for the pool."""
+        self._threadpool().submit(request, client_address)
+
+    def shutdown(self) -> None:
+        """Stop the serve loop, also when it waits for room in a full pool."""
+        pool = self._pool
+        if pool is not None:
+            pool.interrupt()
+        super().shutdown()  # type: ignore[misc]
 
     def server_close(self) -> None:
         """Close the server, then drain and stop the pool (see ``block_on_close``)."""
