@@ -7,13 +7,14 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import attrs
 
 from ..core._options import count, flag
 
-__all__ = ["ForkingMixIn"]
+__all__ = ["ForkingMixIn", "exit_child"]
 
 log = logging.getLogger("sockserve")
 
@@ -33,6 +34,24 @@ class ForkingOptions:
 
     max_children: int = count(1)
     block_on_close: bool = flag()
+
+
+def exit_child(body: Callable[[], int]) -> NoReturn:
+    """In a forked child: run *body*, then leave through ``os._exit`` with its status.
+
+    Whatever happens (an exception, SystemExit, KeyboardInterrupt), the child never
+    returns into the parent's serve loop; it exits 1 when *body* did not return.
+    Standard streams are flushed first, because ``os._exit`` skips that.
+    """
+    status = 1
+    try:
+        status = body()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
 
 
 class ForkingMixIn:
@@ -96,18 +115,7 @@ class ForkingMixIn:
             self.active_children.add(pid)
             self.close_request(request)  # type: ignore[attr-defined]
             return
-        # In the child: whatever happens, leave through os._exit, never back into the
-        # parent's serve loop.
-        status = 1
-        try:
-            if self.run_request(request, client_address):  # type: ignore[attr-defined]
-                status = 0
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(status)
+        exit_child(lambda: 0 if self.run_request(request, client_address) else 1)  # type: ignore[attr-defined]
 
     def server_close(self) -> None:
         """Close the server, then reap the children (see ``block_on_close``)."""

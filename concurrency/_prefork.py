@@ -21,7 +21,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ import attrs
 from ..core._errors import OptionError
 from ..core._hooks import call_hook
 from ..core._options import count, flag
+from ._forking import exit_child
 from ._pool import ThreadPool
 from ._threadpool import BACKLOG as THREADPOOL_BACKLOG
 from ._threadpool import WORKERS as THREADPOOL_WORKERS
@@ -213,17 +213,15 @@ class PreforkMixIn:
         if pid:
             self._prefork_children[pid] = (slot, time.monotonic())  # type: ignore[index]
             return
-        status = 1
-        try:
-            status = self._prefork_worker(slot, parent)
-        except BaseException:
-            log.exception("worker %d failed", slot)
-        finally:
+
+        def work() -> int:
             try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(status)
+                return self._prefork_worker(slot, parent)
+            except BaseException:
+                log.exception("worker %d failed", slot)
+                return 1
+
+        exit_child(work)
 
     def _prefork_stop(self) -> None:
         children = self._prefork_children
