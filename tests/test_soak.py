@@ -32,7 +32,13 @@ pytestmark = pytest.mark.soak
 #: under load and a bare fork() + waitpid() loop ~170/s, so 20,000 would take two to
 #: four minutes; 2,000 takes 12-22 s. Sync measured ~4,000/s (5 s for 20,000) and
 #: threading ~800-1,300/s (15-26 s), so they keep the full 20,000.
-CONNECTIONS = {"sync": 20_000, "threading": 20_000, "forking": 2_000}
+CONNECTIONS = {
+    "sync": 20_000,
+    "threading": 20_000,
+    "forking": 2_000,
+    "threadpool": 20_000,
+    "prefork": 20_000,
+}
 CLIENT_THREADS = 4
 #: Bounds the wait for in-flight requests on close, so that a stuck request cannot hang
 #: the test; the test then fails on ``requests_cut_off``.
@@ -138,7 +144,7 @@ def client_process(conn, count: int) -> None:
         conn.close()
 
 
-@pytest.mark.parametrize("concurrency", ["sync", "threading", "forking"])
+@pytest.mark.parametrize("concurrency", sorted(CONNECTIONS))
 def test_soak_leaves_nothing_behind_and_answers_every_well_behaved_client(concurrency, tmp_path):
     skip_unless_supported("tcp", concurrency)
     count = CONNECTIONS[concurrency]
