@@ -51,6 +51,8 @@ RESPAWN_DELAY = 1.0
 REAP_INTERVAL = 0.01
 
 INNER_STRATEGIES = ("sync", "threadpool")
+#: The signals that stop a worker gracefully.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 @attrs.define
@@ -209,14 +211,23 @@ class PreforkMixIn:
         if hooks.pre_fork is not None:
             call_hook(self, hooks.pre_fork, worker_id=slot)
         parent = os.getpid()
-        pid = os.fork()
+        # A stop that reached the child before it has its own handlers would kill it by
+        # the default action (SIGTERM) or a KeyboardInterrupt (SIGINT): the stop signals
+        # stay pending until the worker has set its handlers (_prefork_worker).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self._prefork_children[pid] = (slot, time.monotonic())  # type: ignore[index]
             return
 
         def work() -> int:
             try:
-                return self._prefork_worker(slot, parent)
+                return self._prefork_worker(slot, parent, mask)
             except BaseException:
                 log.exception("worker %d failed", slot)
                 return 1
@@ -252,7 +263,7 @@ class PreforkMixIn:
 
     # ------------------------------------------------------------------ worker
 
-    def _prefork_worker(self, slot: int, parent: int) -> int:
+    def _prefork_worker(self, slot: int, parent: int, mask: Any) -> int:
         self.worker_id = slot
         self._prefork_parent = parent
         self._prefork_children = None
@@ -264,6 +275,7 @@ class PreforkMixIn:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a stop already sent runs now
         if self.reuse_port:
             self._prefork_own_socket()
         # Every worker polls the same socket; the ones that lose the race for a
@@ -291,7 +303,8 @@ class PreforkMixIn:
         try:
             own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             own.bind(self.server_address)  # type: ignore[attr-defined]
-            own.listen(self.request_queue_size)  # type: ignore[attr-defined]
+            if own.type == socket.SOCK_STREAM:  # a datagram socket does not listen
+                own.listen(self.request_queue_size)  # type: ignore[attr-defined]
         except BaseException:
             own.close()
             raise
