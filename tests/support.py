@@ -1,16 +1,24 @@
-"""Test helpers: servers on loopback or in a temporary directory, clients, leak checks.
+"""Test helpers: servers on loopback or in a temporary directory, clients, leak checks,
+plugin distributions written to disk, and ``sockserve`` command-line processes.
 
 Imported by tests as ``support`` (``pythonpath = tests`` in pyproject.toml)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import selectors
 import signal
 import socket
+import socketserver
+import subprocess
+import sys
+import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -60,6 +68,16 @@ def skip_unless_supported(transport: str, concurrency: str) -> None:
         pytest.skip("requires_fork: no os.fork")
 
 
+@pytest.fixture(params=[sockserve, socketserver], ids=["sockserve", "socketserver"])
+def mod(request: pytest.FixtureRequest) -> Any:
+    """The module under test: sockserve, or the standard socketserver as the reference.
+
+    Import it into a test module (``from support import mod``) to run that module's
+    tests against both, side by side.
+    """
+    return request.param
+
+
 @contextlib.contextmanager
 def serving(server: Any, poll_interval: float = 0.05) -> Iterator[Any]:
     """Run ``server.serve_forever`` in a thread; shut down, join and close on exit."""
@@ -72,6 +90,26 @@ def serving(server: Any, poll_interval: float = 0.05) -> Iterator[Any]:
         thread.join(10)
         server.server_close()
         assert not thread.is_alive(), "serve_forever did not stop"
+
+
+def start_serving(server: Any, poll_interval: float = 0.05) -> threading.Thread:
+    """Start ``server.serve_forever`` in a daemon thread and return the thread.
+
+    For tests that call ``shutdown()``, join the thread and ``server_close()`` themselves.
+    """
+    thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> bool:
+    """Poll *predicate* every *interval* seconds: True once it holds, False after *timeout*."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
 def connect(server: Any, tmp_path: Any = None, timeout: float = 10.0) -> socket.socket:
@@ -87,17 +125,40 @@ def connect(server: Any, tmp_path: Any = None, timeout: float = 10.0) -> socket.
     return client
 
 
+def tcp_client(server: Any, timeout: float = 5.0) -> socket.socket:
+    """A TCP client connected to *server*, every blocking call bounded by *timeout*."""
+    return socket.create_connection(server.server_address, timeout=timeout)
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    """Everything received on stream socket *sock* until the peer ends it (give it a timeout)."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def exchange(server: Any, payload: bytes, tmp_path: Any = None) -> bytes:
     """Send *payload* and return the whole reply (stream: until EOF; datagram: one)."""
     with connect(server, tmp_path) as client:
         client.sendall(payload)
         if server.socket_type == socket.SOCK_STREAM:
             client.shutdown(socket.SHUT_WR)
-            chunks = []
-            while chunk := client.recv(65536):
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return read_to_eof(client)
         return client.recv(65536)
+
+
+def ask_stream(address: Any, payload: bytes, family: int = socket.AF_INET) -> bytes:
+    """Connect a stream client to *address*, send *payload*, return the reply up to EOF.
+
+    The client does not end its side: the server decides when the request is over (a
+    line-based handler answers one line, then closes).
+    """
+    with socket.socket(family, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
+        client.connect(address)
+        client.sendall(payload)
+        return read_to_eof(client)
 
 
 class EchoUpper(sockserve.BaseRequestHandler):
@@ -108,10 +169,27 @@ class EchoUpper(sockserve.BaseRequestHandler):
             data, sock = self.request
             sock.sendto(data.upper(), self.client_address)
             return
-        chunks = []
-        while chunk := self.request.recv(65536):
-            chunks.append(chunk)
-        self.request.sendall(b"".join(chunks).upper())
+        self.request.sendall(read_to_eof(self.request).upper())
+
+
+class UpperFailSlow(sockserve.BaseRequestHandler):
+    """Stream upper-case echo of everything up to EOF, with two special requests.
+
+    ``b"fail"`` raises ``ValueError("bad request")`` (no reply); ``b"slow"`` sleeps
+    ``slow`` seconds before it replies. For plugins that record how requests ended
+    and how long they took.
+    """
+
+    #: Seconds a ``b"slow"`` request sleeps before its reply.
+    slow = 0.05
+
+    def handle(self) -> None:
+        data = read_to_eof(self.request)
+        if data == b"fail":
+            raise ValueError("bad request")
+        if data == b"slow":
+            time.sleep(self.slow)
+        self.request.sendall(data.upper())
 
 
 # ----------------------------------------------------------------- resource accounting
@@ -122,9 +200,9 @@ def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
-def child_pids() -> set[int]:
-    """Process ids of this process's children (live or zombie)."""
-    me = os.getpid()
+def child_pids(parent: int | None = None) -> set[int]:
+    """Process ids of the children (live or zombie) of *parent*, by default this process."""
+    me = os.getpid() if parent is None else parent
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -139,6 +217,16 @@ def child_pids() -> set[int]:
         if int(fields[1]) == me:
             found.add(int(entry))
     return found
+
+
+def is_running(pid: int) -> bool:
+    """True while *pid* exists and has not exited (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
 
 
 @contextlib.contextmanager
@@ -162,3 +250,148 @@ def no_leaks(settle: float = 5.0) -> Iterator[None]:
     assert not extra_fds, f"leaked descriptors: {details}"
     assert not extra_threads, f"leaked threads: {extra_threads}"
     assert not extra_children, f"leaked child processes: {extra_children}"
+
+
+# ----------------------------------------------------------------- plugin distributions
+
+
+def make_distribution(
+    root: Path,
+    name: str,
+    version: str,
+    entry_points: dict[str, dict[str, str]],
+    modules: dict[str, str] | None = None,
+) -> Path:
+    """Write an installed distribution (a ``*.dist-info`` directory) and its modules into *root*.
+
+    :param entry_points: ``{group: {entry point name: "module:attr"}}`` for entry_points.txt.
+    :param modules: ``{file name: source}``, written (dedented) next to the dist-info.
+    :returns: the ``*.dist-info`` directory.
+    """
+    dist_info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8"
+    )
+    sections = []
+    for group, table in entry_points.items():
+        lines = "\n".join(f"{ep} = {value}" for ep, value in table.items())
+        sections.append(f"[{group}]\n{lines}\n")
+    (dist_info / "entry_points.txt").write_text("\n".join(sections), encoding="utf-8")
+    for filename, source in (modules or {}).items():
+        (root / filename).write_text(textwrap.dedent(source), encoding="utf-8")
+    return dist_info
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a subprocess, without PYTHONPATH and the variables
+    that turn plugins off (SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD, SOCKSERVE_BLOCK_PLUGINS),
+    updated with *extra*."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD", "SOCKSERVE_BLOCK_PLUGINS")
+    }
+    env.update(extra)
+    return env
+
+
+#: Run by probe_autoload: what the registry and the plugin manager say about one plugin.
+AUTOLOAD_PROBE = """
+import json, sockserve
+manager = sockserve.get_plugin_manager()
+plugin = sockserve.registry.load("plugin", "{name}")
+print(json.dumps({{
+    "listed": "{name}" in sockserve.registry.names("plugin"),
+    "registered": manager.get_plugin("{name}") is not None or plugin in manager.get_plugins(),
+    "autoload_attribute": getattr(plugin, "sockserve_autoload", True),
+    "control_registered": manager.get_plugin("probe") is not None,
+}}))
+"""
+
+
+def probe_autoload(name: str, tmp_path: Path) -> dict[str, Any]:
+    """Ask a fresh interpreter, with autoload on, what became of plugin *name*.
+
+    A control plugin (``probe``, in a distribution written into ``tmp_path / "site"``)
+    shows that autoload ran. Returns the JSON of AUTOLOAD_PROBE: ``listed``,
+    ``registered``, ``autoload_attribute`` and ``control_registered``.
+    """
+    site = tmp_path / "site"
+    module = f"{name.replace('-', '')}_probe"
+    make_distribution(
+        site,
+        "sockserve-probe",
+        "1.0",
+        {"sockserve.plugins": {"probe": module}},
+        {
+            f"{module}.py": """
+                import sockserve
+
+                @sockserve.hookimpl
+                def sockserve_server_close(server):
+                    pass
+            """
+        },
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", AUTOLOAD_PROBE.format(name=name)],
+        cwd=tmp_path, env=clean_env(PYTHONPATH=str(site)), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+# ----------------------------------------------------------------- the command line
+
+
+@contextlib.contextmanager
+def sockserve_process(
+    *args: str, cwd: Path, env: dict[str, str], timeout: float, python: str = sys.executable
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``python -m sockserve ARGS`` with stdin empty and stdout, stderr piped.
+
+    On exit the process is killed (by its pid) if it still runs, reaped (waiting up to
+    *timeout* seconds) and its pipes are closed.
+    """
+    proc = subprocess.Popen(
+        [python, "-m", "sockserve", *args],
+        cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+
+def banner_line(seen: bytes) -> bool:
+    """True once *seen* holds the whole ``serving on`` line of ``sockserve serve``."""
+    return b"serving on" in seen and seen.endswith(b"\n")
+
+
+def read_banner(
+    proc: subprocess.Popen[bytes], timeout: float, until: Callable[[bytes], Any] = banner_line
+) -> bytes:
+    """Read *proc*'s stderr until ``until(all read so far)`` is true; return all of it.
+
+    Fails with everything read so far if the process exits first or *timeout* seconds pass.
+    """
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    deadline = time.monotonic() + timeout
+    seen = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while not until(seen):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no banner within {timeout}s: {seen!r}"
+            if selector.select(remaining):
+                chunk = os.read(fd, 4096)
+                assert chunk, f"sockserve serve exited ({proc.wait(timeout)}): {seen!r}"
+                seen += chunk
+    return seen

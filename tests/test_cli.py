@@ -6,16 +6,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.metadata
-import os
 import re
-import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,17 @@ import pytest
 
 import sockserve
 from sockserve.core._cli import UsageError, parse_address
-from support import BUILTIN_CONCURRENCY, requires_af_unix, requires_fork, requires_ipv6
+from support import (
+    BUILTIN_CONCURRENCY,
+    ask_stream,
+    clean_env,
+    make_distribution,
+    read_banner,
+    requires_af_unix,
+    requires_fork,
+    requires_ipv6,
+    sockserve_process,
+)
 
 #: Seconds a CLI process gets to start serving or to finish: generous for a loaded CI box.
 START_TIMEOUT = 30
@@ -33,22 +40,12 @@ SERVING = re.compile(r"sockserve: (\S+) serving on (\S+) with (\S+);")
 VERSION = importlib.metadata.version("sockserve")
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("PYTHONPATH", "SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD", "SOCKSERVE_BLOCK_PLUGINS")
-    }
-    env.update(extra)
-    return env
-
-
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m sockserve ARGS`` to completion."""
     return subprocess.run(
         [sys.executable, "-m", "sockserve", *args],
         cwd=cwd,
-        env=env or cli_env(),
+        env=env or clean_env(),
         capture_output=True,
         text=True,
         timeout=FINISH_TIMEOUT,
@@ -84,56 +81,8 @@ class Running:
 @contextlib.contextmanager
 def cli_server(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[Running]:
     """Start ``python -m sockserve serve ARGS``; wait for its banner; kill it (by pid) on exit."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sockserve", "serve", *args],
-        cwd=cwd,
-        env=env or cli_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        banner = _read_banner(proc)
-        yield Running(proc, banner)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(FINISH_TIMEOUT)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None and not pipe.closed:
-                pipe.close()
-
-
-def _read_banner(proc: subprocess.Popen[bytes]) -> str:
-    """Read stderr until the 'serving on' line; fail with all output if it never comes."""
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
-    deadline = time.monotonic() + START_TIMEOUT
-    seen = b""
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while b"serving on" not in seen or not seen.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no banner within {START_TIMEOUT}s: {seen!r}"
-            if selector.select(remaining):
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    raise AssertionError(
-                        f"sockserve serve exited ({proc.wait(FINISH_TIMEOUT)}): {seen.decode(errors='replace')}"
-                    )
-                seen += chunk
-    return seen.decode(errors="replace")
-
-
-def ask_stream(address: Any, payload: bytes, family: int = socket.AF_INET) -> bytes:
-    with socket.socket(family, socket.SOCK_STREAM) as client:
-        client.settimeout(10)
-        client.connect(address)
-        client.sendall(payload)
-        chunks = []
-        while chunk := client.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
+    with sockserve_process("serve", *args, cwd=cwd, env=env or clean_env(), timeout=FINISH_TIMEOUT) as proc:
+        yield Running(proc, read_banner(proc, START_TIMEOUT).decode(errors="replace"))
 
 
 # --------------------------------------------------------------------------- serve
@@ -231,7 +180,7 @@ class Report(sockserve.BaseRequestHandler):
 
 def test_serve_handler_given_as_module_and_class(tmp_path):
     (tmp_path / "cli_handlers.py").write_text(textwrap.dedent(REPORTING_HANDLER), encoding="utf-8")
-    env = cli_env(PYTHONPATH=str(tmp_path))
+    env = clean_env(PYTHONPATH=str(tmp_path))
     with cli_server("127.0.0.1:0", "cli_handlers:Report", cwd=tmp_path, env=env) as server:
         assert server.handler == "cli_handlers.Report"
         reply = ask_stream(server.address, b"?\n").decode()
@@ -241,7 +190,7 @@ def test_serve_handler_given_as_module_and_class(tmp_path):
 
 def test_serve_options_set_server_settings(tmp_path):
     (tmp_path / "cli_handlers.py").write_text(textwrap.dedent(REPORTING_HANDLER), encoding="utf-8")
-    env = cli_env(PYTHONPATH=str(tmp_path))
+    env = clean_env(PYTHONPATH=str(tmp_path))
     args = (
         "127.0.0.1:0",
         "cli_handlers:Report",
@@ -356,7 +305,7 @@ def test_plugins_lists_every_builtin_with_its_distribution(tmp_path):
     script = shutil.which("sockserve", path=str(Path(sys.executable).parent))
     assert script, "the sockserve console script is not installed next to the interpreter"
     result = subprocess.run(
-        [script, "plugins"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+        [script, "plugins"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
         timeout=FINISH_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr
@@ -375,15 +324,13 @@ def test_plugins_lists_every_builtin_with_its_distribution(tmp_path):
 
 
 def test_plugins_marks_one_that_fails_to_load_with_the_reason(tmp_path):
-    dist_info = tmp_path / "sockserve_broken_cli-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: sockserve-broken-cli\nVersion: 0.1\n", encoding="utf-8"
+    make_distribution(
+        tmp_path,
+        "sockserve-broken-cli",
+        "0.1",
+        {"sockserve.concurrency": {"gevent": "sockserve_broken_cli_missing:GeventMixIn"}},
     )
-    (dist_info / "entry_points.txt").write_text(
-        "[sockserve.concurrency]\ngevent = sockserve_broken_cli_missing:GeventMixIn\n", encoding="utf-8"
-    )
-    result = run_cli("plugins", cwd=tmp_path, env=cli_env(PYTHONPATH=str(tmp_path)))
+    result = run_cli("plugins", cwd=tmp_path, env=clean_env(PYTHONPATH=str(tmp_path)))
     assert result.returncode == 0, result.stderr
     [line] = [line for line in result.stdout.splitlines() if line.strip().startswith("gevent ")]
     assert "sockserve-broken-cli 0.1" in line

@@ -41,9 +41,12 @@ from support import (
     connect,
     exchange,
     no_leaks,
+    read_to_eof,
     requires_fork,
     serving,
     skip_unless_supported,
+    start_serving,
+    wait_until,
 )
 
 LOOPBACK = ("127.0.0.1", 0)
@@ -68,19 +71,6 @@ def run_bounded(func: Callable[[], Any], timeout: float = 10.0) -> float:
     if outcome:
         raise outcome[0]
     return elapsed
-
-
-def start_serving(server: Any, poll_interval: float) -> threading.Thread:
-    thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), daemon=True)
-    thread.start()
-    return thread
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 # =========================================================================== 1. shutdown
@@ -111,7 +101,7 @@ def shutdown_timing(server_class: type, poll_interval: float) -> tuple[float, fl
     thread = start_serving(server, poll_interval)
     try:
         assert exchange(server, b"ping") == b"PING"  # the loop is running
-        wait_until(lambda: turns)  # has finished its turn for that request
+        assert wait_until(lambda: turns)  # has finished its turn for that request
         time.sleep(0.05)  # and is back to waiting in select()
         last_turn = turns[-1]
         took = run_bounded(server.shutdown, timeout=poll_interval + 5)
@@ -199,7 +189,7 @@ def test_shutdown_from_a_sync_handler_returns_and_the_loop_stops_after_that_requ
         thread = start_serving(server, 10)
         try:
             with connect(server) as first:
-                wait_until(lambda: handler.calls)
+                assert wait_until(lambda: handler.calls)
                 assert handler.calls[0] < WELL_UNDER_POLL  # shutdown() returned in the handler
                 with connect(server) as second:  # queued in the backlog
                     second.sendall(b"late")
@@ -253,13 +243,6 @@ class SlowReply(sockserve.BaseRequestHandler):
         self.request.sendall(b"started;")
         time.sleep(0.5)
         self.request.sendall(b"done")
-
-
-def read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(1024):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @pytest.mark.parametrize("drain_timeout", [None, 5.0])
@@ -854,7 +837,7 @@ def test_cli_serve_listens_with_the_large_serve_backlog():
         with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
             client.sendall(b"hello\n")
             client.shutdown(socket.SHUT_WR)
-            assert b"HELLO" in read_all(client)
+            assert b"HELLO" in read_to_eof(client)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -951,7 +934,7 @@ def test_a_raising_hook_goes_to_handle_error_and_the_server_keeps_serving(hook, 
             with serving(server):
                 for i in range(3):
                     assert exchange(server, b"req %d" % i) == b"REQ %d" % i
-                wait_until(lambda: server.errors)
+                assert wait_until(lambda: server.errors)
     finally:
         manager.unregister(name=name)
     assert_hook_errors(list(server.errors), hook, name)

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import selectors
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +22,7 @@ from typing import Any
 import pytest
 
 import sockserve
+from support import ask_stream, clean_env, make_distribution, read_banner, sockserve_process
 
 #: Seconds a subprocess gets to start serving or to finish.
 RUN_TIMEOUT = 60
@@ -34,28 +31,6 @@ SERVING = re.compile(r"serving on (\S+):(\d+) with")
 
 
 # --------------------------------------------------------------------------- distributions on disk
-
-
-def make_distribution(
-    root: Path,
-    name: str,
-    version: str,
-    entry_points: dict[str, dict[str, str]],
-    modules: dict[str, str] | None = None,
-) -> None:
-    """Write an installed distribution (a ``*.dist-info`` directory) and its modules into *root*."""
-    dist_info = root / f"{name.replace('-', '_')}-{version}.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8"
-    )
-    sections = []
-    for group, table in entry_points.items():
-        lines = "\n".join(f"{ep} = {value}" for ep, value in table.items())
-        sections.append(f"[{group}]\n{lines}\n")
-    (dist_info / "entry_points.txt").write_text("\n".join(sections), encoding="utf-8")
-    for filename, source in (modules or {}).items():
-        (root / filename).write_text(textwrap.dedent(source), encoding="utf-8")
 
 
 RECORDING_PLUGIN = """
@@ -159,13 +134,7 @@ def site(tmp_path: Path) -> Path:
 
 
 def environment(tmp_path: Path, site: Path, **extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("PYTHONPATH", "SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD", "SOCKSERVE_BLOCK_PLUGINS")
-    }
-    env.update(PYTHONPATH=str(site), HYGIENE_LOG=str(tmp_path / "hygiene.log"), **extra)
-    return env
+    return clean_env(PYTHONPATH=str(site), HYGIENE_LOG=str(tmp_path / "hygiene.log"), **extra)
 
 
 def log_lines(tmp_path: Path) -> list[str]:
@@ -223,42 +192,13 @@ def echo(cls, payload=b"echo"):
 @contextlib.contextmanager
 def cli_server(*args: str, env: dict[str, str], cwd: Path) -> Iterator[tuple[subprocess.Popen[bytes], tuple[str, int]]]:
     """Start ``python -m sockserve serve ARGS``; yield it and its address; kill it (by pid) on exit."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sockserve", "serve", *args],
-        cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stderr is not None
-        seen = b""
-        deadline = time.monotonic() + RUN_TIMEOUT
-        with selectors.DefaultSelector() as selector:
-            selector.register(proc.stderr.fileno(), selectors.EVENT_READ)
-            while not SERVING.search(seen.decode(errors="replace")):
-                remaining = deadline - time.monotonic()
-                assert remaining > 0, f"no banner within {RUN_TIMEOUT}s: {seen!r}"
-                if selector.select(remaining):
-                    chunk = os.read(proc.stderr.fileno(), 4096)
-                    assert chunk, f"sockserve serve exited ({proc.wait(RUN_TIMEOUT)}): {seen!r}"
-                    seen += chunk
+    with sockserve_process("serve", *args, cwd=cwd, env=env, timeout=RUN_TIMEOUT) as proc:
+        seen = read_banner(
+            proc, RUN_TIMEOUT, until=lambda so_far: SERVING.search(so_far.decode(errors="replace"))
+        )
         match = SERVING.search(seen.decode(errors="replace"))
         proc.banner = seen  # type: ignore[attr-defined]
         yield proc, (match.group(1), int(match.group(2)))
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(RUN_TIMEOUT)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-def ask(address: tuple[str, int], payload: bytes) -> bytes:
-    with socket.create_connection(address, timeout=10) as client:
-        client.sendall(payload)
-        chunks = []
-        while chunk := client.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> str:
@@ -296,7 +236,7 @@ def test_disable_autoload_stops_autoloading_but_a_plugin_asked_for_by_name_still
 def test_disable_autoload_still_lets_serve_enable_a_plugin_by_name(site, tmp_path):
     env = environment(tmp_path, site, SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD="1")
     with cli_server("127.0.0.1:0", "--plugin", "good", env=env, cwd=tmp_path) as (proc, address):
-        assert ask(address, b"by name\n") == b"BY NAME\n"
+        assert ask_stream(address, b"by name\n") == b"BY NAME\n"
         stop(proc)
     assert log_lines(tmp_path) == ["import good", "good finished ThreadingTCPServer"]
 
@@ -334,7 +274,7 @@ def test_block_plugins_can_block_every_autoloaded_plugin(site, tmp_path):
 def test_serve_plugin_no_name_keeps_an_autoloaded_plugin_out_for_one_run(site, tmp_path):
     env = environment(tmp_path, site)
     with cli_server("127.0.0.1:0", "--plugin", "no:good", env=env, cwd=tmp_path) as (proc, address):
-        assert ask(address, b"one run\n") == b"ONE RUN\n"
+        assert ask_stream(address, b"one run\n") == b"ONE RUN\n"
         stop(proc)
     lines = log_lines(tmp_path)
     assert "other finished ThreadingTCPServer" in lines
@@ -344,7 +284,7 @@ def test_serve_plugin_no_name_keeps_an_autoloaded_plugin_out_for_one_run(site, t
     # The next run without it has the plugin back.
     (tmp_path / "hygiene.log").unlink()
     with cli_server("127.0.0.1:0", env=env, cwd=tmp_path) as (proc, address):
-        assert ask(address, b"next run\n") == b"NEXT RUN\n"
+        assert ask_stream(address, b"next run\n") == b"NEXT RUN\n"
         stop(proc)
     assert sorted(log_lines(tmp_path)) == [
         "good finished ThreadingTCPServer", "import good", "import other",
@@ -529,7 +469,7 @@ def test_plugins_listing_marks_the_broken_ones_failed_and_lists_the_rest(broken_
 def test_serve_with_a_broken_plugin_installed_warns_once_and_serves(broken_site, tmp_path):
     env = environment(tmp_path, broken_site)
     with cli_server("127.0.0.1:0", env=env, cwd=tmp_path) as (proc, address):
-        assert ask(address, b"still here\n") == b"STILL HERE\n"
+        assert ask_stream(address, b"still here\n") == b"STILL HERE\n"
         stderr = stop(proc)
     assert stderr.count("cannot load lifecycle plugin 'crashy'") == 1
     assert "  distribution: sockserve-broken-import 0.3" in stderr
@@ -540,7 +480,7 @@ def test_serve_with_a_broken_plugin_installed_warns_once_and_serves(broken_site,
 def test_serve_plugin_no_name_silences_a_broken_autoloaded_plugin(broken_site, tmp_path):
     env = environment(tmp_path, broken_site)
     with cli_server("127.0.0.1:0", "--plugin", "no:crashy", env=env, cwd=tmp_path) as (proc, address):
-        assert ask(address, b"quiet\n") == b"QUIET\n"
+        assert ask_stream(address, b"quiet\n") == b"QUIET\n"
         stderr = stop(proc)
     assert "crashy" not in stderr
     assert "import crashy" not in log_lines(tmp_path)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable
 
 import pytest
 
 import sockserve
-from support import address_for, connect, no_leaks, serving, skip_unless_supported
+from support import address_for, connect, no_leaks, read_to_eof, serving, skip_unless_supported
 
 #: Client threads driving each server: enough for requests to overlap.
 CLIENT_THREADS = 4
@@ -29,13 +28,6 @@ class DatagramUpper(sockserve.BaseRequestHandler):
     def handle(self) -> None:
         data, sock = self.request
         sock.sendto(data.upper(), self.client_address)
-
-
-def read_to_eof(client: socket.socket) -> bytes:
-    chunks = []
-    while chunk := client.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def drive(count: int, worker: Callable[[range], list]) -> list:

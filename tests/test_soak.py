@@ -23,7 +23,7 @@ import time
 import pytest
 
 import sockserve
-from support import no_leaks, serving, skip_unless_supported
+from support import no_leaks, read_to_eof, serving, skip_unless_supported
 
 pytestmark = pytest.mark.soak
 
@@ -75,13 +75,6 @@ def owed(port: int, request: bytes) -> bytes:
     if port % CLOSE_EVERY == 0 or port % RAISE_EVERY == 0:
         return b""
     return request.upper() * REPEAT
-
-
-def read_to_eof(client: socket.socket) -> bytes:
-    chunks = []
-    while chunk := client.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def run_clients(address: tuple, count: int) -> dict:

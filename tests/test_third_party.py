@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import re
-import selectors
 import shutil
 import signal
 import site
@@ -32,7 +31,16 @@ import attrs
 import pytest
 
 import sockserve
-from support import HAS_IPV6, requires_af_unix, requires_fork
+from support import (
+    HAS_IPV6,
+    ask_stream,
+    child_pids,
+    is_running,
+    read_banner,
+    requires_af_unix,
+    requires_fork,
+    sockserve_process,
+)
 
 pytestmark = [requires_fork, requires_af_unix]
 
@@ -367,15 +375,6 @@ if __name__ == "__main__":
 '''
 
 
-def pid_exists(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != b"Z"
-
-
 # --------------------------------------------------------------------------- discovery
 
 
@@ -457,7 +456,7 @@ def test_processpool_spreads_clients_over_workers_replaces_a_killed_one_and_reap
     # server_close() stopped and reaped every worker.
     assert result["children_after_close"] == []
     assert not result["serving_thread_alive"]
-    assert not [pid for pid in {*pool, *new_pool} if pid_exists(pid)]
+    assert not [pid for pid in {*pool, *new_pool} if is_running(pid)]
     assert "Traceback" not in stderr
 
 
@@ -498,66 +497,12 @@ def test_unix_seqpacket_keeps_message_boundaries(venv, concurrency, tmp_path):
 # --------------------------------------------------------------------------- the command line
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
-                found.append(int(entry))
-    return sorted(found)
-
-
-def _read_banner(proc: subprocess.Popen[bytes]) -> str:
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
-    deadline = time.monotonic() + RUN_TIMEOUT
-    seen = b""
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while b"serving on" not in seen or not seen.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no banner within {RUN_TIMEOUT}s: {seen!r}"
-            if selector.select(remaining):
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    raise AssertionError(f"sockserve serve exited ({proc.wait(RUN_TIMEOUT)}): {seen!r}")
-                seen += chunk
-    return seen.decode(errors="replace")
-
-
 @contextlib.contextmanager
 def cli_server(venv: Venv, *args: str, cwd: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    proc = subprocess.Popen(
-        [str(venv.python), "-m", "sockserve", "serve", *args],
-        cwd=cwd,
-        env=venv.env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        yield proc, _read_banner(proc)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(RUN_TIMEOUT)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-def ask(address: tuple[str, int], payload: bytes) -> bytes:
-    with socket.create_connection(address, timeout=10) as client:
-        client.sendall(payload)
-        chunks = []
-        while chunk := client.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
+    """Start ``sockserve serve ARGS`` in the venv; yield it and its banner; kill it (by pid) on exit."""
+    python = str(venv.python)
+    with sockserve_process("serve", *args, python=python, cwd=cwd, env=venv.env(), timeout=RUN_TIMEOUT) as proc:
+        yield proc, read_banner(proc, RUN_TIMEOUT).decode(errors="replace")
 
 
 def test_serve_with_processpool_echoes_and_sigterm_stops_every_worker(venv, tmp_path):
@@ -570,19 +515,19 @@ def test_serve_with_processpool_echoes_and_sigterm_stops_every_worker(venv, tmp_
         host, _, port = shown.rpartition(":")
         assert host == "127.0.0.1"
         deadline = time.monotonic() + RUN_TIMEOUT
-        while len(workers := children_of(proc.pid)) < 2 and time.monotonic() < deadline:
+        while len(workers := sorted(child_pids(proc.pid))) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(workers) == 2, workers
         for i in range(6):
-            assert ask((host, int(port)), b"pool %d\n" % i) == b"POOL %d\n" % i
-        assert children_of(proc.pid) == workers  # the same two served everything
+            assert ask_stream((host, int(port)), b"pool %d\n" % i) == b"POOL %d\n" % i
+        assert sorted(child_pids(proc.pid)) == workers  # the same two served everything
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=RUN_TIMEOUT)
         assert proc.returncode == 0, err.decode(errors="replace")
     stderr = err.decode(errors="replace")
     assert stderr.rstrip().endswith("sockserve: stopped")
     assert "Traceback" not in stderr
-    assert not any(pid_exists(pid) for pid in workers)
+    assert not any(is_running(pid) for pid in workers)
     counts = {int(pid): int(n) for pid, n in re.findall(r"process (\d+) handled (\d+) requests", stderr)}
     assert set(counts) == {proc.pid, *workers}
     assert counts[proc.pid] == 0

@@ -5,35 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 
 import pytest
 
 import sockserve
-from support import child_pids, connect, no_leaks, requires_fork, serving
+from support import child_pids, connect, no_leaks, read_to_eof, requires_fork, serving, wait_until
 
 pytestmark = [requires_fork, pytest.mark.requires_fork]
 
 LOOPBACK = ("127.0.0.1", 0)
-
-
-def read_to_eof(client: socket.socket) -> bytes:
-    """Everything the server sends until it closes (the socket carries a timeout)."""
-    chunks = []
-    while chunk := client.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def is_zombie(pid: int) -> bool:

@@ -16,19 +16,21 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import sockserve
-from support import child_pids, connect, no_leaks, requires_fork, serving, skip_unless_supported
+from support import (
+    child_pids,
+    connect,
+    is_running,
+    no_leaks,
+    read_to_eof,
+    requires_fork,
+    serving,
+    skip_unless_supported,
+    wait_until,
+)
 
 pytestmark = [requires_fork, pytest.mark.requires_fork]
 
 LOOPBACK = ("127.0.0.1", 0)
-
-
-def read_to_eof(client: socket.socket) -> bytes:
-    """Everything the server sends until it closes (the socket carries a timeout)."""
-    chunks = []
-    while chunk := client.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def read_line(sock: socket.socket) -> bytes:
@@ -40,25 +42,6 @@ def read_line(sock: socket.socket) -> bytes:
             break
         data += chunk
     return data
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def is_running(pid: int) -> bool:
-    """True while *pid* exists and has not exited (a zombie has exited)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
 
 
 @pytest.fixture(autouse=True)

@@ -12,17 +12,9 @@ import time
 import pytest
 
 import sockserve
-from support import connect, no_leaks, serving
+from support import connect, no_leaks, read_to_eof, serving
 
 LOOPBACK = ("127.0.0.1", 0)
-
-
-def read_to_eof(client: socket.socket) -> bytes:
-    """Everything the server sends until it closes (the socket carries a timeout)."""
-    chunks = []
-    while chunk := client.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class RecordingServer(sockserve.ThreadingTCPServer):

@@ -2,42 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import sockserve
-from support import connect, no_leaks, serving, skip_unless_supported
+from support import connect, no_leaks, read_to_eof, serving, skip_unless_supported, start_serving, wait_until
 
 LOOPBACK = ("127.0.0.1", 0)
-
-
-def read_to_eof(client: socket.socket) -> bytes:
-    """Everything the server sends until it closes (the socket carries a timeout)."""
-    chunks = []
-    while chunk := client.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def start_serving(server) -> threading.Thread:
-    """serve_forever in a thread, for tests that call shutdown() and server_close() themselves."""
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    return thread
 
 
 class Gate:
@@ -94,6 +72,18 @@ def send_request(server, payload: bytes) -> socket.socket:
     return client
 
 
+@contextlib.contextmanager
+def gated_requests(server, gate: Gate, count: int) -> Iterator[list[socket.socket]]:
+    """Send requests ``b"req 0"``.. to *server*; on exit open *gate* and close the clients."""
+    clients = [send_request(server, b"req %d" % i) for i in range(count)]
+    try:
+        yield clients
+    finally:
+        gate.release.set()
+        for client in clients:
+            client.close()
+
+
 class Upper(sockserve.BaseRequestHandler):
     """Upper-case echo; datagram clients are told apart by their payload."""
 
@@ -142,17 +132,12 @@ def test_no_more_than_workers_handlers_run_at_once():
     cls = sockserve.compose("tcp", "threadpool", options=options)
     with no_leaks():
         with serving(cls(LOOPBACK, gate.handler())) as server:
-            clients = [send_request(server, b"req %d" % i) for i in range(9)]
-            try:
+            with gated_requests(server, gate, 9) as clients:
                 assert wait_until(lambda: gate.active == 3), f"{gate.active} handlers running"
                 time.sleep(0.2)  # six more requests are waiting: none may start now
                 assert (gate.started, gate.active) == (3, 3)
                 gate.release.set()
                 replies = [read_to_eof(client) for client in clients]
-            finally:
-                gate.release.set()
-                for client in clients:
-                    client.close()
     assert replies == [b"REQ %d" % i for i in range(9)]
     assert gate.peak == 3
     assert gate.started == 9
@@ -168,18 +153,13 @@ def test_full_pool_stops_the_serving_thread_from_accepting():
     with no_leaks():
         with serving(cls(LOOPBACK, gate.handler())) as server:
             # connect() completes for all four: the kernel's listen backlog holds them.
-            clients = [send_request(server, b"req %d" % i) for i in range(4)]
-            try:
+            with gated_requests(server, gate, 4) as clients:
                 assert wait_until(lambda: gate.started == 1 and verified.count >= 2)
                 time.sleep(0.3)  # room for the serving thread to accept more, if it would
                 assert gate.started == 1
                 assert verified.count == 2, f"{verified.count} accepted for 1 worker + backlog 1"
                 gate.release.set()
                 replies = [read_to_eof(client) for client in clients]
-            finally:
-                gate.release.set()
-                for client in clients:
-                    client.close()
     assert replies == [b"REQ %d" % i for i in range(4)]
     assert verified.count == 4
 
@@ -230,8 +210,7 @@ def test_close_with_block_on_close_drains_queued_and_running_requests():
     with no_leaks():
         server = cls(LOOPBACK, gate.handler())
         thread = start_serving(server)
-        clients = [send_request(server, b"req %d" % i) for i in range(3)]
-        try:
+        with gated_requests(server, gate, 3) as clients:
             assert wait_until(lambda: gate.started == 1 and verified.count == 3)
             started = time.monotonic()
             server.shutdown()  # stops accepting; the pool still holds all three
@@ -242,10 +221,6 @@ def test_close_with_block_on_close_drains_queued_and_running_requests():
             server.server_close()  # waits: one running, two queued
             closed_in = time.monotonic() - started
             replies = [read_to_eof(client) for client in clients]
-        finally:
-            gate.release.set()
-            for client in clients:
-                client.close()
     assert replies == [b"REQ 0", b"REQ 1", b"REQ 2"]
     assert closed_in >= 0.25, "server_close() returned before the requests finished"
     assert gate.started == 3
@@ -310,8 +285,7 @@ def test_close_without_block_on_close_drops_queued_requests():
     with no_leaks():
         server = cls(LOOPBACK, gate.handler())
         thread = start_serving(server)
-        clients = [send_request(server, b"req %d" % i) for i in range(3)]
-        try:
+        with gated_requests(server, gate, 3) as clients:
             assert wait_until(lambda: gate.started == 1 and verified.count == 3)
             server.shutdown()
             thread.join(10)
@@ -321,10 +295,6 @@ def test_close_without_block_on_close_drops_queued_requests():
             dropped = [read_to_eof(client) for client in clients[1:]]
             gate.release.set()  # the running request still finishes
             first = read_to_eof(clients[0])
-        finally:
-            gate.release.set()
-            for client in clients:
-                client.close()
     assert closed_in < 0.5, "server_close() waited although block_on_close is False"
     assert dropped == [b"", b""]
     assert first == b"REQ 0"

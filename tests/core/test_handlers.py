@@ -10,7 +10,6 @@ import array
 import io
 import select
 import socket
-import socketserver
 import struct
 import sys
 import threading
@@ -18,16 +17,10 @@ import threading
 import pytest
 
 import sockserve
-from support import requires_af_unix
+from support import mod, read_to_eof, requires_af_unix, tcp_client
 
 #: Timeout of every blocking call, so that no test can hang.
 TIMEOUT = 5.0
-
-
-@pytest.fixture(params=[sockserve, socketserver], ids=["sockserve", "socketserver"])
-def mod(request):
-    """The module under test: sockserve, or the standard socketserver as the reference."""
-    return request.param
 
 
 def recording_server(mod, base: str = "TCPServer"):
@@ -41,17 +34,6 @@ def recording_server(mod, base: str = "TCPServer"):
 
     Recording.errors = []
     return Recording
-
-
-def tcp_client(server) -> socket.socket:
-    return socket.create_connection(server.server_address, timeout=TIMEOUT)
-
-
-def recv_all(client: socket.socket) -> bytes:
-    chunks = []
-    while chunk := client.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def handle_in_thread(server) -> threading.Thread:
@@ -85,7 +67,7 @@ def test_setup_handle_finish_run_in_order_on_one_instance(mod):
     server_class = recording_server(mod)
     with server_class(("127.0.0.1", 0), Ordered) as server, tcp_client(server) as client:
         server.handle_request()
-        assert recv_all(client) == b"handled"
+        assert read_to_eof(client) == b"handled"
     assert [name for name, _ in calls] == ["setup", "handle", "finish"]
     assert len({instance for _, instance in calls}) == 1
     assert server.errors == []
@@ -145,7 +127,7 @@ def test_finish_is_called_when_handle_raises(mod):
     server_class = recording_server(mod)
     with server_class(("127.0.0.1", 0), BadHandle) as server, tcp_client(server) as client:
         server.handle_request()
-        assert recv_all(client) == b"finished anyway"
+        assert read_to_eof(client) == b"finished anyway"
     assert calls == ["setup", "handle", "finish"]
     assert [(type(e), str(e)) for e in server.errors] == [(ValueError, "handle failed")]
 
@@ -192,7 +174,7 @@ def test_stream_handler_reads_lines_from_rfile_and_writes_wfile(mod, base, tmp_p
             client.sendall(b"first\nsecond\n")
             client.shutdown(socket.SHUT_WR)
             server.handle_request()
-            assert recv_all(client) == b"FIRST\nSECOND\n"
+            assert read_to_eof(client) == b"FIRST\nSECOND\n"
     assert seen["connection is request"] is True
     assert seen["rfile"] == (True, False)
     assert seen["wfile"] == (True, False)
@@ -318,7 +300,7 @@ def test_wbufsize_positive_is_flushed_by_finish(mod):
 
     with mod.TCPServer(("127.0.0.1", 0), Buffered) as server, tcp_client(server) as client:
         server.handle_request()
-        assert recv_all(client) == b"flushed by finish"
+        assert read_to_eof(client) == b"flushed by finish"
 
 
 def test_timeout_is_applied_to_the_connection(mod):
@@ -339,7 +321,7 @@ def test_timeout_is_applied_to_the_connection(mod):
     server_class = recording_server(mod)
     with server_class(("127.0.0.1", 0), Impatient) as server, tcp_client(server) as client:
         server.handle_request()
-        assert recv_all(client) == b"gave up"
+        assert read_to_eof(client) == b"gave up"
     assert seen == {"timeout": 0.2, "raised": socket.timeout}
     assert server.errors == []
 

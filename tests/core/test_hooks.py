@@ -13,9 +13,7 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,17 @@ import pluggy
 import pytest
 
 import sockserve
-from support import CONCURRENCY, EchoUpper, address_for, exchange, no_leaks, serving, skip_unless_supported
+from support import (
+    CONCURRENCY,
+    EchoUpper,
+    address_for,
+    exchange,
+    make_distribution,
+    no_leaks,
+    serving,
+    skip_unless_supported,
+    wait_until,
+)
 
 SUBPROCESS_TIMEOUT = 60
 
@@ -67,13 +75,6 @@ def events(path: Path) -> list[dict[str, Any]]:
 
 def names(path: Path, *, skip: tuple[str, ...] = ("service_actions",)) -> list[str]:
     return [e["event"] for e in events(path) if e["event"] not in skip]
-
-
-def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def ask(server: Any, payload: bytes) -> bytes:
@@ -204,8 +205,8 @@ def test_hooks_fire_in_lifecycle_order_where_documented(concurrency, tmp_path):
                 assert client.makefile("rb").read() == b"HOOKED"
                 client_address = list(client.getsockname())
             # The connection ends after request_finish; the file write is already done.
-            wait_for(lambda: "request_finish" in names(log))
-            wait_for(lambda: "service_actions" in names(log, skip=()))
+            assert wait_until(lambda: "request_finish" in names(log), timeout=10.0)
+            assert wait_until(lambda: "service_actions" in names(log, skip=()), timeout=10.0)
     assert names(log) == [
         "server_activate",
         "serve_start",
@@ -264,7 +265,7 @@ def test_server_activate_fires_for_datagram_servers(tmp_path):
     with no_leaks():
         with serving(cls(address_for("udp", tmp_path), EchoUpper)) as server:
             assert exchange(server, b"datagram") == b"DATAGRAM"
-            wait_for(lambda: "request_finish" in names(log))
+            assert wait_until(lambda: "request_finish" in names(log), timeout=10.0)
     assert names(log) == [
         "server_activate",
         "serve_start",
@@ -286,7 +287,7 @@ def test_service_actions_hook_fires_on_every_loop_turn_after_the_method(tmp_path
 
     with no_leaks():
         with serving(Server(address_for("tcp", tmp_path), EchoUpper), poll_interval=0.01):
-            wait_for(lambda: names(log, skip=()).count("service_actions") >= 5)
+            assert wait_until(lambda: names(log, skip=()).count("service_actions") >= 5, timeout=10.0)
     turns = [n for n in names(log, skip=()) if n in ("method", "service_actions")]
     # Each turn: the server's method, then the hook (the last turn may stop in between).
     pairs = turns[: len(turns) // 2 * 2]
@@ -606,29 +607,6 @@ def test_request_path_calls_into_pluggy_only_for_implemented_hooks(
 
 
 # --------------------------------------------------------------------------- autoloading
-
-
-def make_distribution(
-    root: Path,
-    name: str,
-    version: str,
-    entry_points: dict[str, dict[str, str]],
-    modules: dict[str, str] | None = None,
-) -> Path:
-    """Write an installed distribution (a ``*.dist-info`` directory) and its modules into *root*."""
-    dist_info = root / f"{name.replace('-', '_')}-{version}.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8"
-    )
-    sections = []
-    for group, table in entry_points.items():
-        lines = "\n".join(f"{ep} = {value}" for ep, value in table.items())
-        sections.append(f"[{group}]\n{lines}\n")
-    (dist_info / "entry_points.txt").write_text("\n".join(sections), encoding="utf-8")
-    for filename, source in (modules or {}).items():
-        (root / filename).write_text(textwrap.dedent(source), encoding="utf-8")
-    return dist_info
 
 
 DEMO_PLUGIN = """

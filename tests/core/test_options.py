@@ -15,7 +15,7 @@ import pytest
 
 import sockserve
 from sockserve.core._options import parse_option_value
-from support import no_leaks, serving
+from support import EchoUpper, exchange, no_leaks, serving
 
 #: The options every stream server has (BaseServer's and the stream socket type's).
 STREAM_OPTIONS = [
@@ -33,16 +33,6 @@ class Settings(sockserve.BaseRequestHandler):
         names = ("daemon_threads", "request_queue_size", "drain_timeout", "greeting")
         text = " ".join(f"{n}={getattr(server, n, '-')!r}" for n in names)
         self.request.sendall(text.encode())
-
-
-def ask(server: sockserve.BaseServer, payload: bytes = b"?") -> bytes:
-    with socket.create_connection(server.server_address, timeout=10) as client:
-        client.sendall(payload)
-        client.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := client.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 # --------------------------------------------------------------------------- unknown names
@@ -222,7 +212,9 @@ def test_compose_with_options_gives_a_subclass_with_the_values_that_serves_with_
     assert (base.daemon_threads, base.request_queue_size, base.drain_timeout) == (False, 5, None)
     with no_leaks():
         with serving(cls(("127.0.0.1", 0), Settings)) as server:
-            assert ask(server) == b"daemon_threads=True request_queue_size=7 drain_timeout=2.5 greeting='-'"
+            assert exchange(server, b"?") == (
+                b"daemon_threads=True request_queue_size=7 drain_timeout=2.5 greeting='-'"
+            )
     # The standard name is untouched.
     assert sockserve.ThreadingTCPServer.daemon_threads is False
 
@@ -270,22 +262,14 @@ class Greeter:
         request.sendall(getattr(server, "greeting", "hello").encode() * times + b"|")
 
 
-class Upper(sockserve.BaseRequestHandler):
-    def handle(self) -> None:
-        chunks = []
-        while chunk := self.request.recv(65536):
-            chunks.append(chunk)
-        self.request.sendall(b"".join(chunks).upper())
-
-
 def test_options_declared_by_a_class_plugin_are_known_checked_and_used():
     greeter = Greeter()
     cls = sockserve.compose(
         "tcp", "threading", plugins=[greeter], options={"greeting": "howdy", "greet_times": 2}
     )
     assert (cls.greeting, cls.greet_times) == ("howdy", 2)
-    with serving(cls(("127.0.0.1", 0), Upper)) as server:
-        assert ask(server, b"hi") == b"howdyhowdy|HI"
+    with serving(cls(("127.0.0.1", 0), EchoUpper)) as server:
+        assert exchange(server, b"hi") == b"howdyhowdy|HI"
     # Known to the class composed with the plugin, listed with the others ...
     with pytest.raises(sockserve.OptionError) as caught:
         sockserve.compose("tcp", "threading", plugins=[greeter], options={"greetings": "x"})
@@ -335,5 +319,5 @@ def test_options_are_class_attributes_shared_by_every_server_of_the_class():
     plain = sockserve.ThreadingTCPServer(("127.0.0.1", 0), WhichThread)
     assert first.daemon_threads is second.daemon_threads is True
     with serving(first), serving(second), serving(plain):
-        assert ask(first) == ask(second) == b"daemon=True"
-        assert ask(plain) == b"daemon=False"
+        assert exchange(first, b"?") == exchange(second, b"?") == b"daemon=True"
+        assert exchange(plain, b"?") == b"daemon=False"

@@ -19,7 +19,16 @@ import pytest
 
 import sockserve
 from sockserve.core._registry import BUILTIN_ENTRY_POINTS
-from support import BUILTIN_CONCURRENCY, EchoUpper, address_for, exchange, no_leaks, requires_af_unix, serving
+from support import (
+    BUILTIN_CONCURRENCY,
+    EchoUpper,
+    address_for,
+    exchange,
+    make_distribution,
+    no_leaks,
+    requires_af_unix,
+    serving,
+)
 
 PACKAGE_DIR = Path(sockserve.__file__).resolve().parent
 SUBPROCESS_TIMEOUT = 60
@@ -46,29 +55,6 @@ STANDARD_COMPOSITIONS = {
     "ThreadingUnixStreamServer": ("unix", "threading"),
     "ThreadingUnixDatagramServer": ("unix-dgram", "threading"),
 }
-
-
-def make_distribution(
-    root: Path,
-    name: str,
-    version: str,
-    entry_points: dict[str, dict[str, str]],
-    modules: dict[str, str] | None = None,
-) -> Path:
-    """Write an installed distribution (a ``*.dist-info`` directory) and its modules into *root*."""
-    dist_info = root / f"{name.replace('-', '_')}-{version}.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8"
-    )
-    sections = []
-    for group, table in entry_points.items():
-        lines = "\n".join(f"{ep} = {value}" for ep, value in table.items())
-        sections.append(f"[{group}]\n{lines}\n")
-    (dist_info / "entry_points.txt").write_text("\n".join(sections), encoding="utf-8")
-    for filename, source in (modules or {}).items():
-        (root / filename).write_text(textwrap.dedent(source), encoding="utf-8")
-    return dist_info
 
 
 def runtime_import_names(distribution: str) -> set[str]:

@@ -13,7 +13,6 @@ import errno
 import os
 import select
 import socket
-import socketserver
 import sys
 import threading
 import time
@@ -21,22 +20,12 @@ import time
 import pytest
 
 import sockserve
-from support import no_leaks, requires_af_unix
+from support import mod, no_leaks, read_to_eof, requires_af_unix, start_serving, tcp_client, wait_until
 
 #: Upper bound for anything that should happen "at once"; generous for a loaded CI box.
 PROMPTLY = 2.0
 #: Timeout of every blocking client call, so that no test can hang.
 CLIENT_TIMEOUT = 5.0
-
-
-@pytest.fixture(params=[sockserve, socketserver], ids=["sockserve", "socketserver"])
-def mod(request):
-    """The module under test: sockserve, or the standard socketserver as the reference."""
-    return request.param
-
-
-def tcp_client(server) -> socket.socket:
-    return socket.create_connection(server.server_address, timeout=CLIENT_TIMEOUT)
 
 
 def udp_client(server) -> socket.socket:
@@ -52,23 +41,10 @@ def start(target, *args) -> threading.Thread:
     return thread
 
 
-def serve_in_thread(server, poll_interval: float = 0.02) -> threading.Thread:
-    return start(server.serve_forever, poll_interval)
-
-
 def stop(server, thread: threading.Thread) -> None:
     server.shutdown()
     thread.join(CLIENT_TIMEOUT)
     assert not thread.is_alive(), "serve_forever did not stop"
-
-
-def wait_for(predicate, timeout: float = CLIENT_TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def upper_handler(mod):
@@ -79,13 +55,6 @@ def upper_handler(mod):
             self.request.sendall(self.request.recv(1024).upper())
 
     return Upper
-
-
-def recv_all(client: socket.socket) -> bytes:
-    chunks = []
-    while chunk := client.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 # ------------------------------------------------------------------ fileno and attributes
@@ -271,7 +240,7 @@ def test_bind_and_activate_false_leaves_binding_and_listening_to_the_caller(mod)
         with tcp_client(server) as client:
             client.sendall(b"manual")
             server.handle_request()
-            assert recv_all(client) == b"MANUAL"
+            assert read_to_eof(client) == b"MANUAL"
 
 
 def occupied_port():
@@ -358,13 +327,13 @@ def test_handle_request_serves_exactly_one_request(mod):
             first.sendall(b"one")
             second.sendall(b"two")
             server.handle_request()
-            assert recv_all(first) == b"ONE"
+            assert read_to_eof(first) == b"ONE"
             second.settimeout(0.2)
             with pytest.raises(TimeoutError):
                 second.recv(1)
             second.settimeout(CLIENT_TIMEOUT)
             server.handle_request()
-            assert recv_all(second) == b"TWO"
+            assert read_to_eof(second) == b"TWO"
 
 
 def test_handle_request_without_timeout_waits_for_a_request(mod):
@@ -376,7 +345,7 @@ def test_handle_request_without_timeout_waits_for_a_request(mod):
             client.sendall(b"late")
             thread.join(CLIENT_TIMEOUT)
             assert not thread.is_alive()
-            assert recv_all(client) == b"LATE"
+            assert read_to_eof(client) == b"LATE"
 
 
 @pytest.mark.parametrize(
@@ -414,7 +383,7 @@ def test_handle_request_does_not_call_handle_timeout_when_a_request_comes(mod):
     with Server(("127.0.0.1", 0), upper_handler(mod)) as server, tcp_client(server) as client:
         client.sendall(b"in time")
         server.handle_request()
-        assert recv_all(client) == b"IN TIME"
+        assert read_to_eof(client) == b"IN TIME"
     assert timeouts == []
 
 
@@ -429,9 +398,11 @@ def test_serve_forever_calls_service_actions_on_every_poll(mod):
             calls.append(threading.get_ident())
 
     with Server(("127.0.0.1", 0), mod.BaseRequestHandler) as server:
-        thread = serve_in_thread(server, poll_interval=0.01)
+        thread = start_serving(server, poll_interval=0.01)
         try:
-            assert wait_for(lambda: len(calls) >= 5), f"only {len(calls)} service_actions calls"
+            assert wait_until(lambda: len(calls) >= 5, CLIENT_TIMEOUT, interval=0.005), (
+                f"only {len(calls)} service_actions calls"
+            )
         finally:
             stop(server, thread)
     assert set(calls) == {thread.ident}
@@ -446,13 +417,13 @@ def test_serve_forever_calls_service_actions_after_a_request_too(mod):
 
     with Server(("127.0.0.1", 0), upper_handler(mod)) as server:
         # The first idle turn ends after 1 s; the request comes well before that.
-        thread = serve_in_thread(server, poll_interval=1.0)
+        thread = start_serving(server, poll_interval=1.0)
         try:
             with tcp_client(server) as client:
                 client.sendall(b"x")
-                assert recv_all(client) == b"X"
+                assert read_to_eof(client) == b"X"
                 replied = time.monotonic()
-            assert wait_for(lambda: len(calls) >= 1, timeout=0.5)
+            assert wait_until(lambda: len(calls) >= 1, timeout=0.5, interval=0.005)
             assert calls[0] - replied < 0.5
         finally:
             stop(server, thread)
@@ -460,10 +431,10 @@ def test_serve_forever_calls_service_actions_after_a_request_too(mod):
 
 def test_shutdown_from_another_thread_stops_serve_forever(mod):
     with mod.TCPServer(("127.0.0.1", 0), upper_handler(mod)) as server:
-        thread = serve_in_thread(server, poll_interval=0.05)
+        thread = start_serving(server, poll_interval=0.05)
         with tcp_client(server) as client:
             client.sendall(b"before")
-            assert recv_all(client) == b"BEFORE"
+            assert read_to_eof(client) == b"BEFORE"
         began = time.monotonic()
         server.shutdown()
         assert time.monotonic() - began < PROMPTLY
@@ -473,7 +444,7 @@ def test_shutdown_from_another_thread_stops_serve_forever(mod):
 
 def test_shutdown_wakes_the_loop_without_waiting_for_poll_interval():
     with sockserve.TCPServer(("127.0.0.1", 0), sockserve.BaseRequestHandler) as server:
-        thread = serve_in_thread(server, poll_interval=60)
+        thread = start_serving(server, poll_interval=60)
         time.sleep(0.1)  # let the loop block in its wait
         began = time.monotonic()
         server.shutdown()
@@ -484,7 +455,7 @@ def test_shutdown_wakes_the_loop_without_waiting_for_poll_interval():
 
 def test_shutdown_twice_is_safe(mod):
     with mod.TCPServer(("127.0.0.1", 0), mod.BaseRequestHandler) as server:
-        thread = serve_in_thread(server)
+        thread = start_serving(server, poll_interval=0.02)
         server.shutdown()
         began = time.monotonic()
         server.shutdown()
@@ -499,15 +470,15 @@ def test_shutdown_before_serving_returns_and_next_serve_forever_returns_at_once(
         caller = start(server.shutdown)
         caller.join(PROMPTLY)
         assert not caller.is_alive(), "shutdown() before serve_forever() blocked"
-        loop = serve_in_thread(server, poll_interval=60)
+        loop = start_serving(server, poll_interval=60)
         loop.join(PROMPTLY)
         assert not loop.is_alive(), "serve_forever() after an early shutdown() kept serving"
         # The early shutdown was used up: the next serve_forever serves.
-        loop = serve_in_thread(server)
+        loop = start_serving(server, poll_interval=0.02)
         try:
             with tcp_client(server) as client:
                 client.sendall(b"served")
-                assert recv_all(client) == b"SERVED"
+                assert read_to_eof(client) == b"SERVED"
         finally:
             stop(server, loop)
 
@@ -524,11 +495,11 @@ def test_shutdown_from_a_sync_handler_stops_the_loop_after_that_request():
             self.request.sendall(self.request.recv(1024).upper())
 
     with sockserve.TCPServer(("127.0.0.1", 0), StopHandler) as server:
-        loop = serve_in_thread(server, poll_interval=60)
+        loop = start_serving(server, poll_interval=60)
         try:
             with tcp_client(server) as client:
                 client.sendall(b"last")
-                assert recv_all(client) == b"LAST"
+                assert read_to_eof(client) == b"LAST"
             loop.join(PROMPTLY)
             assert not loop.is_alive(), "serve_forever went on after shutdown() in a handler"
         finally:
@@ -545,11 +516,11 @@ def test_shutdown_from_a_sync_handler_stops_the_loop_after_that_request():
 def test_serve_forever_can_run_again_after_shutdown(mod):
     with mod.TCPServer(("127.0.0.1", 0), upper_handler(mod)) as server:
         for round_ in range(3):
-            thread = serve_in_thread(server)
+            thread = start_serving(server, poll_interval=0.02)
             try:
                 with tcp_client(server) as client:
                     client.sendall(b"round %d" % round_)
-                    assert recv_all(client) == b"ROUND %d" % round_
+                    assert read_to_eof(client) == b"ROUND %d" % round_
             finally:
                 stop(server, thread)
 
@@ -567,7 +538,7 @@ def test_finish_request_instantiates_the_handler_with_request_address_and_server
 
     with mod.TCPServer(("127.0.0.1", 0), Record) as server, tcp_client(server) as client:
         server.handle_request()
-        reply = recv_all(client)
+        reply = read_to_eof(client)
         own_address = client.getsockname()
     ((request, client_address, handler_server),) = seen
     assert isinstance(request, socket.socket)
@@ -587,7 +558,7 @@ def test_finish_request_override_sees_each_request(mod):
     with Server(("127.0.0.1", 0), upper_handler(mod)) as server, tcp_client(server) as client:
         client.sendall(b"finish")
         server.handle_request()
-        assert recv_all(client) == b"FINISH"
+        assert read_to_eof(client) == b"FINISH"
         assert calls == [(socket.socket, client.getsockname())]
 
 
@@ -625,7 +596,7 @@ def test_verify_request_true_lets_the_request_through(mod):
     with Checking(("127.0.0.1", 0), upper_handler(mod)) as server, tcp_client(server) as client:
         client.sendall(b"ok")
         server.handle_request()
-        assert recv_all(client) == b"OK"
+        assert read_to_eof(client) == b"OK"
         assert verified == [client.getsockname()]
 
 
@@ -642,7 +613,7 @@ def test_process_request_override_decides_how_the_request_runs(mod):
     with Server(("127.0.0.1", 0), upper_handler(mod)) as server, tcp_client(server) as client:
         client.sendall(b"custom")
         server.handle_request()
-        assert recv_all(client) == b"CUSTOM+"
+        assert read_to_eof(client) == b"CUSTOM+"
         assert processed == [(threading.get_ident(), client.getsockname())]
 
 
@@ -662,15 +633,15 @@ def test_handler_exception_goes_to_handle_error_and_the_server_keeps_serving(mod
             errors.append((type(exc), str(exc), request.fileno() >= 0, client_address))
 
     with Server(("127.0.0.1", 0), Flaky) as server:
-        thread = serve_in_thread(server)
+        thread = start_serving(server, poll_interval=0.02)
         try:
             with tcp_client(server) as client:
                 client.sendall(b"fail")
-                assert recv_all(client) == b""  # the request was still shut down
+                assert read_to_eof(client) == b""  # the request was still shut down
                 failing_address = client.getsockname()
             with tcp_client(server) as client:
                 client.sendall(b"fine")
-                assert recv_all(client) == b"FINE"
+                assert read_to_eof(client) == b"FINE"
         finally:
             stop(server, thread)
     # handle_error runs while the request is still open, before it is shut down.
@@ -771,7 +742,7 @@ def test_tcp_shutdown_request_shuts_the_write_side_down_then_closes(mod):
     with Server(("127.0.0.1", 0), upper_handler(mod)) as server, tcp_client(server) as client:
         client.sendall(b"order")
         server.handle_request()
-        assert recv_all(client) == b"ORDER"
+        assert read_to_eof(client) == b"ORDER"
     assert order == [
         "shutdown_request",
         "close_request: write side already shut down",

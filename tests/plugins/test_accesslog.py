@@ -3,23 +3,26 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import socket
-import subprocess
-import sys
-import textwrap
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import sockserve
-from support import no_leaks, requires_af_unix, requires_fork, serving
+from support import (
+    UpperFailSlow,
+    no_leaks,
+    probe_autoload,
+    read_to_eof,
+    requires_af_unix,
+    requires_fork,
+    serving,
+)
 
 ACCESS_LOG = sockserve.registry.load("plugin", "access-log")
 #: ``client duration outcome``, as the plugin's docstring shows it.
@@ -30,19 +33,10 @@ LINE = re.compile(
 SLOW = 0.05
 
 
-class Handler(sockserve.BaseRequestHandler):
+class Handler(UpperFailSlow):
     """Upper-case echo; b"fail" raises ValueError, b"slow" sleeps SLOW seconds first."""
 
-    def handle(self) -> None:
-        chunks = []
-        while chunk := self.request.recv(65536):
-            chunks.append(chunk)
-        data = b"".join(chunks)
-        if data == b"fail":
-            raise ValueError("bad request")
-        if data == b"slow":
-            time.sleep(SLOW)
-        self.request.sendall(data.upper())
+    slow = SLOW
 
 
 class Quiet:
@@ -64,10 +58,8 @@ def request(address: Any, payload: bytes, family: int = socket.AF_INET) -> tuple
             shown = "-"  # an unbound Unix client has no address
         client.sendall(payload)
         client.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := client.recv(65536):
-            chunks.append(chunk)
-    return shown, b"".join(chunks)
+        reply = read_to_eof(client)
+    return shown, reply
 
 
 PAYLOADS = [b"hello", b"fail", b"slow", b"bye"]
@@ -158,41 +150,8 @@ def test_only_the_class_composed_with_it_logs(caplog):
     assert not [r for r in caplog.records if r.name == "sockserve.access"]
 
 
-PROBE = """
-import json, sockserve
-manager = sockserve.get_plugin_manager()
-plugin = sockserve.registry.load("plugin", "{name}")
-print(json.dumps({{
-    "listed": "{name}" in sockserve.registry.names("plugin"),
-    "registered": manager.get_plugin("{name}") is not None or plugin in manager.get_plugins(),
-    "autoload_attribute": getattr(plugin, "sockserve_autoload", True),
-    "control_registered": manager.get_plugin("probe") is not None,
-}}))
-"""
-
-
 def test_access_log_is_listed_but_not_registered_by_autoload(tmp_path):
     """Opt-in: autoload runs (a control plugin is registered) but leaves access-log out."""
-    site = tmp_path / "site"
-    dist_info = site / "sockserve_probe-1.0.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: sockserve-probe\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text("[sockserve.plugins]\nprobe = accesslog_probe\n")
-    (site / "accesslog_probe.py").write_text(textwrap.dedent("""
-        import sockserve
-
-        @sockserve.hookimpl
-        def sockserve_server_close(server):
-            pass
-    """))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD", "SOCKSERVE_BLOCK_PLUGINS")}
-    env["PYTHONPATH"] = str(site)
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE.format(name="access-log")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {
+    assert probe_autoload("access-log", tmp_path) == {
         "listed": True, "registered": False, "autoload_attribute": False, "control_registered": True,
     }

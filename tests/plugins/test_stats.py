@@ -4,23 +4,27 @@ logged when the server closes, and ``sockserve serve --plugin stats`` printing i
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import selectors
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 import time
 from typing import Any
 
 import pytest
 
 import sockserve
-from support import requires_fork, serving
+from support import (
+    UpperFailSlow,
+    ask_stream,
+    clean_env,
+    probe_autoload,
+    read_banner,
+    read_to_eof,
+    requires_fork,
+    serving,
+    sockserve_process,
+)
 
 STATS = sockserve.registry.load("plugin", "stats")
 #: Bucket upper bounds as the summary line shows them, then the overflow bucket.
@@ -34,19 +38,10 @@ SUMMARY = re.compile(
 )
 
 
-class Handler(sockserve.BaseRequestHandler):
+class Handler(UpperFailSlow):
     """Upper-case echo; b"fail" raises, b"slow" sleeps SLOW seconds first."""
 
-    def handle(self) -> None:
-        chunks = []
-        while chunk := self.request.recv(65536):
-            chunks.append(chunk)
-        data = b"".join(chunks)
-        if data == b"fail":
-            raise ValueError("bad request")
-        if data == b"slow":
-            time.sleep(SLOW)
-        self.request.sendall(data.upper())
+    slow = SLOW
 
 
 def counted_class(concurrency: str) -> type:
@@ -73,10 +68,7 @@ def request(server: Any, payload: bytes, *, deny: bool = False) -> bytes:
         if not deny:  # a denied connection is closed unread; sending could reset it
             client.sendall(payload)
         client.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := client.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return read_to_eof(client)
 
 
 def summaries(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -173,42 +165,16 @@ SERVING = re.compile(rb"serving on (\S+):(\d+) with")
 
 
 def test_serve_with_plugin_stats_prints_the_summary_on_sigterm(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD", "SOCKSERVE_BLOCK_PLUGINS")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sockserve", "serve", "127.0.0.1:0", "--plugin", "stats"],
-        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stderr is not None
-        seen = b""
-        deadline = time.monotonic() + 60
-        with selectors.DefaultSelector() as selector:
-            selector.register(proc.stderr.fileno(), selectors.EVENT_READ)
-            while not SERVING.search(seen):
-                assert time.monotonic() < deadline, seen
-                if selector.select(deadline - time.monotonic()):
-                    chunk = os.read(proc.stderr.fileno(), 4096)
-                    assert chunk, f"exited ({proc.wait(60)}): {seen!r}"
-                    seen += chunk
+    args = ("serve", "127.0.0.1:0", "--plugin", "stats")
+    with sockserve_process(*args, cwd=tmp_path, env=clean_env(), timeout=60) as proc:
+        seen = read_banner(proc, 60, until=SERVING.search)
         match = SERVING.search(seen)
         address = (match.group(1).decode(), int(match.group(2)))
         for i in range(3):
-            with socket.create_connection(address, timeout=10) as client:
-                client.sendall(b"stats %d\n" % i)
-                reply = b""
-                while chunk := client.recv(1024):  # to EOF: the request is over
-                    reply += chunk
-                assert reply == b"STATS %d\n" % i
+            # Read to EOF: the request is over.
+            assert ask_stream(address, b"stats %d\n" % i) == b"STATS %d\n" % i
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(60)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
     assert proc.returncode == 0, err
     stderr = (seen + err).decode(errors="replace")
     [line] = [line for line in stderr.splitlines() if " sockserve.stats INFO " in line]
@@ -223,40 +189,8 @@ def test_serve_with_plugin_stats_prints_the_summary_on_sigterm(tmp_path):
 
 # --------------------------------------------------------------------------- opt-in
 
-PROBE = """
-import json, sockserve
-manager = sockserve.get_plugin_manager()
-plugin = sockserve.registry.load("plugin", "stats")
-print(json.dumps({
-    "listed": "stats" in sockserve.registry.names("plugin"),
-    "registered": manager.get_plugin("stats") is not None or plugin in manager.get_plugins(),
-    "autoload_attribute": getattr(plugin, "sockserve_autoload", True),
-    "control_registered": manager.get_plugin("probe") is not None,
-}))
-"""
-
-
 def test_stats_is_listed_but_not_registered_by_autoload(tmp_path):
     """Opt-in: autoload runs (a control plugin is registered) but leaves stats out."""
-    site = tmp_path / "site"
-    dist_info = site / "sockserve_probe-1.0.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: sockserve-probe\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text("[sockserve.plugins]\nprobe = stats_probe\n")
-    (site / "stats_probe.py").write_text(textwrap.dedent("""
-        import sockserve
-
-        @sockserve.hookimpl
-        def sockserve_server_close(server):
-            pass
-    """))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD", "SOCKSERVE_BLOCK_PLUGINS")}
-    env["PYTHONPATH"] = str(site)
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {
+    assert probe_autoload("stats", tmp_path) == {
         "listed": True, "registered": False, "autoload_attribute": False, "control_registered": True,
     }
