@@ -1,0 +1,1450 @@
+"""Throughput benchmark: sockserve's ``threadpool`` and ``prefork`` strategies side by side
+with the standard ``socketserver`` (and asyncio streams and uvloop as references), in one run.
+
+    python benchmarks/bench_throughput.py [--rounds 7] [--duration 1.0] [--wrk-duration 1]
+                                          [--scenarios tcp-conn,udp,...] [--strategies ...]
+                                          [--concurrency 8] [--wrk-connections 8]
+                                          [--slice 0.1] [--pin none|split|same]
+                                          [--json PATH] [--plot PATH] [--profile]
+
+Needs: a C compiler (``cc``) for the load generator, ``wrk`` for the HTTP scenarios
+(``apt-get install wrk``; without it they are skipped), and, in the environment that runs
+this script, ``uvloop`` (missing: its contender is skipped, its goals not measured) and,
+for ``--plot``, ``matplotlib``.
+
+Scenarios (the same handler code for every socketserver-style server, its base class
+taken from the module under test; asyncio/uvloop use streams, or a DatagramProtocol):
+
+- ``tcp-conn``        connection per request: connect, send 64 bytes, read the echo, read
+                      the server's end of file, close. ``--concurrency`` connections in flight.
+- ``udp``             one 64-byte datagram, its echo back; ``--concurrency`` outstanding.
+- ``tcp-keepalive``   ``--concurrency`` open connections, each sending 64 bytes and waiting
+                      for the echo before sending the next.
+- ``http-close``      an ``http.server.BaseHTTPRequestHandler`` answering GET / with a small
+                      page, driven by ``wrk`` with ``Connection: close``.
+- ``http-keepalive``  the same page, wrk over ``--wrk-connections`` keep-alive connections.
+
+Strategies: the standard ``ThreadingTCPServer`` / ``ThreadingUDPServer`` /
+``ForkingTCPServer``; sockserve's ``threadpool`` (defaults: cpu_count + 4 threads) and
+``prefork`` (defaults: cpu_count workers, ``inner="sync"``); asyncio streams and uvloop.
+A pool thread is held by a keep-alive connection for as long as it stays open, so in the
+keep-alive scenarios the pools get one thread per connection (threadpool ``workers=C``;
+prefork ``inner="threadpool", threads=C`` in each worker, as one worker may accept all).
+Every listening socket gets a backlog of 128 (``request_queue_size``; asyncio's
+``backlog``): the standard classes' 5 drops SYNs under 8 concurrent connects, and a dropped
+SYN costs a one-second retransmission. The HTTP handler sets ``disable_nagle_algorithm``:
+it writes headers and body separately, and with Nagle the body waits for a delayed ACK.
+
+Method. Each server runs in a subprocess of its own that imports only its own module
+(checked for the echo scenarios; ``http.server`` itself imports ``socketserver``). The
+load comes from a small C program (``loadgen.c``, compiled at run time into a temporary
+directory) or from ``wrk``, far cheaper per request than a Python client. Each round
+starts fresh servers for every strategy of a scenario; the order (which goes first, and
+starts first) rotates from round to round.
+
+- Echo scenarios: one load generator loads all the strategies of the scenario in turn,
+  switching every ``--slice`` seconds, until each has had ``--duration`` seconds, so a
+  slow patch of the machine hits them all alike and each round gives paired ratios.
+- HTTP scenarios: wrk cannot switch servers, so each strategy gets one ``--wrk-duration``
+  run of wrk per round, back to back.
+
+Stalls. The machine this was written on (a 2-vCPU VM) is not run by its host for much of
+the time: a spinning process pinned to each vCPU sees both stop together, for a few ms to
+700 ms at a time, 55-70% of the wall-clock time, with or without load. So a probe
+(``loadgen probe``: one real-time thread per CPU waking every millisecond) records the
+intervals in which every CPU woke up more than 2 ms late, and rates are
+computed over the time the machine ran: requests started in a strategy's slices and
+completed, per second of those slices minus the stalls (for wrk: requests per second of
+its run minus the stalls). The per-wall-clock rate is printed too. A stalled VM charges
+the stall to the process that was running, so server CPU times are scaled by the share
+of the load during which the machine ran (an approximation).
+
+Measured per strategy and round: rate; server CPU per request, from ``/proc/<pid>/stat``
+of the server and all its descendants (user + system, reaped children included); server
+context switches per request (``getrusage`` in the server: all its threads, and its
+reaped children); the load generator's own CPU while it loaded that server, as a share of
+one CPU (near 100% would mean the load generator was the limit); median and 99th
+percentile latency; client-side errors; tracebacks the server printed via handle_error.
+Per scenario and round also the machine's stalled share and CPU shares from /proc/stat.
+
+Reported: the median over rounds of each figure; for each goal, ratio = the two
+strategies' medians, with the min-max and interquartile range (IQR) of the per-round
+ratios; a goal is met when the ratio of the medians reaches it. The last line starts with
+``SUMMARY``. ``--json`` writes every round; ``--plot`` a PNG of rate per strategy.
+
+``--profile`` instead runs each strategy of the echo scenarios alone (``--duration``
+seconds, no warm-up) with every server thread under cProfile, and prints Python calls and
+context switches per request and the top functions (forked processes are not profiled).
+
+Bounds: servers bind 127.0.0.1 port 0 only; every child has a watchdog (the load generator
+an alarm); the parent reads children's output with timeouts and, whatever happens, kills
+every process it started, and any server descendant still running, by pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+HOST = "127.0.0.1"
+#: The load generator's source, next to this file; compiled at run time.
+LOADGEN_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loadgen.c")
+SIZE = 64  # bytes per echo request
+#: Listen backlog of every server (see the module docstring).
+BACKLOG = 128
+#: serve_forever's documented default; shutdown() is made prompt by poking the server.
+POLL_INTERVAL = 0.5
+#: Seconds after which an unanswered request counts as failed (load generator, wrk).
+REQUEST_TIMEOUT = 2.0
+#: Seconds a child may live past its planned work before its watchdog ends it.
+CHILD_GRACE = 30.0
+#: Seconds the parent waits for one line of a child's protocol.
+LINE_TIMEOUT = 30.0
+#: A slice of load in which the machine ran less than this share of the time is left out
+#: of the slice median (in the JSON output only).
+MIN_RUNNING = 0.3
+#: A strategy whose load ran less than this many seconds in a round has no rate for it.
+MIN_RAN = 0.05
+#: The small page of the HTTP scenarios.
+PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>sockserve</title></head>\n"
+    b"<body><h1>Hello</h1><p>A small page served by http.server.</p></body></html>\n"
+)
+
+# --------------------------------------------------------------------------- what runs
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One server: ``family`` is stdlib, sockserve, asyncio or uvloop."""
+
+    family: str
+    what: str = ""  # stdlib: class name; sockserve: strategy name
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def describe(self) -> str:
+        if self.family == "stdlib":
+            return f"socketserver.{self.what}"
+        if self.family == "sockserve":
+            opts = ", ".join(f"{k}={v!r}" for k, v in self.options)
+            return f"sockserve {self.what}" + (f" ({opts})" if opts else " (defaults)")
+        return f"{self.family} {'DatagramProtocol' if self.what == 'udp' else 'streams'}"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    kind: str  # conn, keep, udp, http-close, http-keep
+    unit: str
+    contenders: dict[str, Contender] = field(default_factory=dict)
+
+    @property
+    def transport(self) -> str:
+        return "udp" if self.kind == "udp" else "tcp"
+
+    @property
+    def uses_wrk(self) -> bool:
+        return self.kind.startswith("http")
+
+
+def scenarios(concurrency: int, wrk_connections: int) -> dict[str, Scenario]:
+    keep_pool = (("workers", concurrency),)
+    keep_prefork = (("inner", "threadpool"), ("threads", concurrency))
+    http_pool = (("workers", wrk_connections),)
+    http_prefork = (("inner", "threadpool"), ("threads", wrk_connections))
+    return {
+        "tcp-conn": Scenario("conn", "conn/s", {
+            "ThreadingTCPServer": Contender("stdlib", "ThreadingTCPServer"),
+            "ForkingTCPServer": Contender("stdlib", "ForkingTCPServer"),
+            "threadpool": Contender("sockserve", "threadpool"),
+            "prefork": Contender("sockserve", "prefork"),
+            "asyncio": Contender("asyncio"),
+            "uvloop": Contender("uvloop"),
+        }),
+        "udp": Scenario("udp", "datagrams/s", {
+            "ThreadingUDPServer": Contender("stdlib", "ThreadingUDPServer"),
+            "threadpool": Contender("sockserve", "threadpool"),
+            "prefork": Contender("sockserve", "prefork"),
+            "asyncio": Contender("asyncio", "udp"),
+            "uvloop": Contender("uvloop", "udp"),
+        }),
+        "tcp-keepalive": Scenario("keep", "req/s", {
+            "ThreadingTCPServer": Contender("stdlib", "ThreadingTCPServer"),
+            "threadpool": Contender("sockserve", "threadpool", keep_pool),
+            "prefork": Contender("sockserve", "prefork", keep_prefork),
+            "asyncio": Contender("asyncio"),
+            "uvloop": Contender("uvloop"),
+        }),
+        "http-close": Scenario("http-close", "req/s", {
+            "ThreadingTCPServer": Contender("stdlib", "ThreadingTCPServer"),
+            "threadpool": Contender("sockserve", "threadpool"),
+            "prefork": Contender("sockserve", "prefork"),
+        }),
+        "http-keepalive": Scenario("http-keep", "req/s", {
+            "ThreadingTCPServer": Contender("stdlib", "ThreadingTCPServer"),
+            "threadpool": Contender("sockserve", "threadpool", http_pool),
+            "prefork": Contender("sockserve", "prefork", http_prefork),
+        }),
+    }
+
+
+SCENARIO_NAMES = ("tcp-conn", "udp", "tcp-keepalive", "http-close", "http-keepalive")
+
+
+@dataclass(frozen=True)
+class Goal:
+    label: str
+    scenario: str
+    metric: str  # rate or cpu
+    num: str
+    den: str
+    target: float
+
+    @property
+    def higher(self) -> bool:
+        return self.metric == "rate"
+
+    def met(self, ratio: float) -> bool:
+        return ratio >= self.target if self.higher else ratio <= self.target
+
+
+GOALS = (
+    Goal("threadpool/ThreadingTCPServer conn/s", "tcp-conn", "rate", "threadpool", "ThreadingTCPServer", 2.5),
+    Goal("threadpool/ThreadingTCPServer CPU/conn", "tcp-conn", "cpu", "threadpool", "ThreadingTCPServer", 0.35),
+    Goal("threadpool/ThreadingUDPServer datagrams/s", "udp", "rate", "threadpool", "ThreadingUDPServer", 5.0),
+    Goal("prefork/ThreadingTCPServer conn/s", "tcp-conn", "rate", "prefork", "ThreadingTCPServer", 3.5),
+    Goal("prefork/ForkingTCPServer conn/s", "tcp-conn", "rate", "prefork", "ForkingTCPServer", 15.0),
+    Goal("prefork/uvloop conn/s", "tcp-conn", "rate", "prefork", "uvloop", 1.2),
+    Goal("prefork/uvloop keep-alive req/s", "tcp-keepalive", "rate", "prefork", "uvloop", 1.0),
+    Goal("threadpool/ThreadingTCPServer http close req/s", "http-close", "rate", "threadpool", "ThreadingTCPServer", 1.5),
+    Goal("prefork/ThreadingTCPServer http close req/s", "http-close", "rate", "prefork", "ThreadingTCPServer", 2.5),
+)
+
+
+# --------------------------------------------------------------------------- servers (children)
+
+
+def _watchdog(seconds: float) -> None:
+    timer = threading.Timer(seconds, os._exit, args=(3,))
+    timer.daemon = True
+    timer.start()
+
+
+def _echo_once(self: Any) -> None:
+    """Read one 64-byte request, send it back (the server then closes the connection)."""
+    sock = self.request
+    data = b""
+    while len(data) < SIZE:
+        chunk = sock.recv(SIZE - len(data))
+        if not chunk:
+            return
+        data += chunk
+    sock.sendall(data)
+
+
+def _echo_loop(self: Any) -> None:
+    """Echo 64-byte requests until the client closes."""
+    sock = self.request
+    while True:
+        data = b""
+        while len(data) < SIZE:
+            chunk = sock.recv(SIZE - len(data))
+            if not chunk:
+                return
+            data += chunk
+        sock.sendall(data)
+
+
+def _echo_dgram(self: Any) -> None:
+    data, sock = self.request
+    sock.sendto(data, self.client_address)
+
+
+def _page_handler() -> type:
+    import http.server
+
+    class PageHandler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes; with Nagle's algorithm the body waits
+        # for the client's delayed ACK of the headers (40 ms on Linux) on keep-alive
+        # connections, which would measure that timer, not the server.
+        disable_nagle_algorithm = True
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(PAGE)))
+            self.end_headers()
+            self.wfile.write(PAGE)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+    return PageHandler
+
+
+def make_server(scenario: Scenario, contender: Contender) -> Any:
+    if scenario.uses_wrk:
+        handler: type = _page_handler()
+    else:
+        base_module = importlib.import_module("socketserver" if contender.family == "stdlib" else "sockserve")
+        handle = {"conn": _echo_once, "keep": _echo_loop, "udp": _echo_dgram}[scenario.kind]
+        handler = type("EchoHandler", (base_module.BaseRequestHandler,), {"handle": handle})
+    if contender.family == "stdlib":
+        import socketserver
+
+        base = getattr(socketserver, contender.what)
+    else:
+        import sockserve
+
+        base = sockserve.compose(scenario.transport, contender.what, options=dict(contender.options) or None)
+    cls = type(base.__name__, (base,), {"request_queue_size": BACKLOG})
+    return cls((HOST, 0), handler)
+
+
+def _poke(kind: str, port: int) -> None:
+    type_ = socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, type_) as poke:
+        poke.settimeout(1.0)
+        try:
+            poke.connect((HOST, port))
+            poke.send(b"")
+        except OSError:
+            pass
+
+
+class _Accounting:
+    """What a server child reports at the end: context switches and, with --profile, calls.
+
+    Profiling covers every thread started after ``start()`` (each enables its own
+    cProfile) and the calling thread; forked processes (forking, prefork workers) are
+    not profiled, but their context switches are counted once they have been reaped.
+    """
+
+    def __init__(self, profile: bool) -> None:
+        self.profile = profile
+        self.profiles: list[Any] = []
+        self.self0 = self.children0 = None
+        self.live0 = (0, 0)
+
+    def _start_thread(self, *args: Any) -> None:
+        import cProfile
+
+        profile = cProfile.Profile()
+        self.profiles.append(profile)  # list.append is atomic
+        profile.enable()  # replaces this hook for the rest of the thread
+
+    def start(self) -> None:
+        self.mark()
+        if self.profile:
+            threading.setprofile(self._start_thread)
+            self._start_thread()
+
+    def mark(self) -> None:
+        """Start counting context switches here (the end of the warm-up)."""
+        self.self0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # Children still running now are counted when reaped, with their past: subtract it.
+        self.live0 = _children_switches()
+
+    def stop_self(self) -> None:
+        """Before shutting down: this process's own counts (all its threads)."""
+        if self.profile:
+            threading.setprofile(None)  # type: ignore[arg-type]
+            for profile in list(self.profiles):
+                profile.disable()
+        self.self1 = resource.getrusage(resource.RUSAGE_SELF)
+
+    def report(self, top: int) -> dict[str, Any]:
+        """After server_close: reaped children are counted too."""
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out: dict[str, Any] = {
+            "nvcsw": self.self1.ru_nvcsw - self.self0.ru_nvcsw,
+            "nivcsw": self.self1.ru_nivcsw - self.self0.ru_nivcsw,
+            "children_nvcsw": children1.ru_nvcsw - self.children0.ru_nvcsw - self.live0[0],
+            "children_nivcsw": children1.ru_nivcsw - self.children0.ru_nivcsw - self.live0[1],
+        }
+        if self.profile and self.profiles:
+            import io
+            import pstats
+
+            stats = pstats.Stats(self.profiles[0])
+            for profile in self.profiles[1:]:
+                stats.add(profile)
+            text = io.StringIO()
+            stats.stream = text  # type: ignore[attr-defined]
+            stats.sort_stats("tottime").print_stats(top)
+            out["calls"] = stats.total_calls  # type: ignore[attr-defined]
+            out["top"] = text.getvalue()
+        return out
+
+
+def _children_switches() -> tuple[int, int]:
+    """(voluntary, involuntary) context switches so far of this process's live children."""
+    voluntary = involuntary = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0, 0
+    pids = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as fh:
+                pids += fh.read().split()
+        except OSError:
+            pass
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/status") as fh:
+                    for line in fh:
+                        if line.startswith("voluntary_ctxt_switches"):
+                            voluntary += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches"):
+                            involuntary += int(line.split()[1])
+        except OSError:
+            pass  # exited meanwhile: then it is counted when reaped, in full
+    return voluntary, involuntary
+
+
+def serve_main(
+    scenario_name: str, contender_name: str, life: float, concurrency: int, wrk_conns: int, profile_top: int = 0
+) -> None:
+    """Child: serve until 'stop' (or end of file) on stdin; print PORT first, a JSON line last.
+
+    With *profile_top*, profile the server (see ``_Accounting``) and put the top functions
+    in the JSON line.
+    """
+    _watchdog(life)
+    scenario = scenarios(concurrency, wrk_conns)[scenario_name]
+    contender = scenario.contenders[contender_name]
+    accounting = _Accounting(profile_top > 0)
+    if contender.family in ("asyncio", "uvloop"):
+        _serve_asyncio(scenario, contender, accounting, profile_top)
+        return
+    server = make_server(scenario, contender)
+    port = server.server_address[1]
+    accounting.start()
+    thread = threading.Thread(target=server.serve_forever, args=(POLL_INTERVAL,), name="serve_forever")
+    thread.start()
+    sys.stdout.write(f"PORT {port}\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        if line.strip() == "mark":
+            accounting.mark()
+            sys.stdout.write("OK\n")
+            sys.stdout.flush()
+        elif line.strip() == "stop":
+            break
+    _watchdog(CHILD_GRACE)  # stopping is bounded too
+    accounting.stop_self()
+    stopper = threading.Thread(target=server.shutdown, name="shutdown")
+    stopper.start()
+    deadline = time.monotonic() + CHILD_GRACE
+    while stopper.is_alive() and time.monotonic() < deadline:
+        _poke(scenario.kind, port)  # the standard module's loop only looks every poll_interval
+        stopper.join(0.05)
+    thread.join(CHILD_GRACE)
+    server.server_close()
+    leaked = contender.family == "sockserve" and "socketserver" in sys.modules and not scenario.uses_wrk
+    sys.stdout.write(json.dumps({"imported_stdlib": leaked, **accounting.report(profile_top)}) + "\n")
+    sys.stdout.flush()
+
+
+def _serve_asyncio(scenario: Scenario, contender: Contender, accounting: _Accounting, profile_top: int) -> None:
+    import asyncio
+
+    if contender.family == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    async def echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(await reader.readexactly(SIZE))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def echo_loop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                writer.write(await reader.readexactly(SIZE))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    class EchoDatagram(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            self.transport.sendto(data, addr)
+
+    async def main() -> None:
+        stopped = loop.create_future()
+
+        def watch_stdin() -> None:
+            for line in sys.stdin:
+                if line.strip() == "mark":
+                    accounting.mark()  # getrusage covers every thread: any thread may ask
+                    sys.stdout.write("OK\n")
+                    sys.stdout.flush()
+                elif line.strip() == "stop":
+                    break
+            loop.call_soon_threadsafe(lambda: stopped.done() or stopped.set_result(None))
+
+        if scenario.kind == "udp":
+            transport, _ = await loop.create_datagram_endpoint(EchoDatagram, local_addr=(HOST, 0))
+            port = transport.get_extra_info("sockname")[1]
+            closer = transport.close
+        else:
+            handler = echo_once if scenario.kind == "conn" else echo_loop
+            server = await asyncio.start_server(handler, HOST, 0, backlog=BACKLOG)
+            port = server.sockets[0].getsockname()[1]
+            closer = server.close
+        sys.stdout.write(f"PORT {port}\n")
+        sys.stdout.flush()
+        threading.Thread(target=watch_stdin, daemon=True).start()
+        accounting.start()
+        await stopped
+        accounting.stop_self()
+        _watchdog(CHILD_GRACE)
+        closer()
+
+    loop.run_until_complete(main())
+    loop.close()
+    sys.stdout.write(json.dumps({"imported_stdlib": False, **accounting.report(profile_top)}) + "\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+class Child:
+    """A child process with a line protocol over its stdin/stdout, read with timeouts."""
+
+    def __init__(
+        self, argv: list[str], registry: list[Child], cpus: set[int] | None = None, stdin: bool = True,
+        stderr_path: str = "",
+    ):
+        self.stderr_path = stderr_path
+        stderr = open(stderr_path, "wb") if stderr_path else None
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                bufsize=0,
+            )
+        finally:
+            if stderr is not None:
+                stderr.close()
+        registry.append(self)
+        self.pid = self.proc.pid
+        self._buffer = b""
+        self.rusage: Any = None
+        self.descendants: dict[int, int] = {}  # pid -> start time, seen while it ran
+        if cpus:
+            try:
+                os.sched_setaffinity(self.pid, cpus)
+            except OSError:
+                pass
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+        except BrokenPipeError:
+            pass
+
+    def readline(self, timeout: float = LINE_TIMEOUT) -> str:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise TimeoutError(f"child {self.pid} ({self.proc.args[1:3]}) said nothing for {timeout}s")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"child {self.pid} ({self.proc.args[1:3]}) exited (status {self.proc.poll()})")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
+
+    def read_all(self, timeout: float) -> str:
+        """Everything the child writes until it closes its output (for wrk)."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise TimeoutError(f"child {self.pid} did not finish within {timeout}s")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return self._buffer.decode(errors="replace")
+            self._buffer += chunk
+
+    def wait_rusage(self, timeout: float) -> int | None:
+        """Reap the child with wait4 (keeping its resource usage); kill it on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid, status, rusage = os.wait4(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return self.proc.returncode
+            if pid:
+                self.rusage = rusage
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+                return self.proc.returncode
+            if time.monotonic() > deadline:
+                self.kill()
+                return None
+            time.sleep(0.01)
+
+    def handler_errors(self) -> int:
+        """Tracebacks the server printed through handle_error (its stderr goes to a file)."""
+        if not self.stderr_path:
+            return 0
+        try:
+            with open(self.stderr_path, "rb") as fh:
+                return fh.read().count(b"Exception occurred during processing of request")
+        except OSError:
+            return 0
+
+    def kill(self) -> None:
+        """Kill this child (by pid) if it runs, reap it, then any descendant left behind."""
+        if self.proc.returncode is None and self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid, started in self.descendants.items():
+            if _start_time(pid) == started:  # still the process we saw, not a reused pid
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+    def end(self, timeout: float = 10.0) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        # Descendants (prefork workers) are stopped by the server; give them a moment.
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(
+            _start_time(pid) == started for pid, started in self.descendants.items()
+        ):
+            time.sleep(0.02)
+        self.kill()
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode()
+    except OSError:
+        return None
+    # The command name is in parentheses and may hold spaces: split after it.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def process_table() -> dict[int, tuple[int, float, int]]:
+    """pid -> (parent pid, CPU seconds incl. reaped children, start time) for every process."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        fields = _stat_fields(int(name))
+        if fields is None:
+            continue
+        # After the command: state ppid ... utime(14) stime(15) cutime(16) cstime(17) ... starttime(22)
+        ticks = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        table[int(name)] = (int(fields[1]), ticks / CLK_TCK, int(fields[19]))
+    return table
+
+
+def tree_cpu(table: dict[int, tuple[int, float, int]], child: Child) -> float:
+    """CPU seconds of *child* and all its descendants; remembers the descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total = 0.0
+    todo = [child.pid]
+    while todo:
+        pid = todo.pop()
+        if pid not in table:
+            continue
+        total += table[pid][1]
+        if pid != child.pid:
+            child.descendants[pid] = table[pid][2]
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+def machine_stat() -> dict[str, float]:
+    """CPU seconds since boot of the whole machine, from /proc/stat, by kind."""
+    with open("/proc/stat") as fh:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fh.readline().split()[1:9])
+    return {
+        "tasks": (user + nice + system) / CLK_TCK,
+        "irq": (irq + softirq) / CLK_TCK,  # loopback TCP/UDP processing largely lands here
+        "steal": steal / CLK_TCK,
+    }
+
+
+def machine_shares(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """Each kind's share of all CPUs over *wall* seconds."""
+    capacity = wall * (os.cpu_count() or 1)
+    return {f"{k}_share": (after[k] - before[k]) / capacity if capacity else float("nan") for k in before}
+
+
+def _pinning(mode: str) -> tuple[set[int] | None, set[int] | None]:
+    if mode == "none" or not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if mode == "same" or len(cpus) < 2:
+        return {cpus[-1]}, {cpus[-1]}
+    return set(cpus[1:]), {cpus[0]}
+
+
+def compile_loadgen(tmp: str) -> str:
+    source = LOADGEN_SOURCE
+    binary = os.path.join(tmp, "loadgen")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise SystemExit("no C compiler (cc) found: the load generator is compiled at run time")
+    subprocess.run([compiler, "-O2", "-pthread", "-o", binary, source, "-lm"], check=True, timeout=120)
+    return binary
+
+
+def start_servers(
+    scenario_name: str, order: list[str], args: argparse.Namespace, children: list[Child]
+) -> dict[str, Child]:
+    life = 4 * args.duration * len(order) + args.wrk_duration * 6 * len(order) + CHILD_GRACE + 3 * LINE_TIMEOUT
+    server_cpus, _ = _pinning(args.pin)
+    servers = {}
+    for name in order:
+        servers[name] = Child(
+            [
+                sys.executable, os.path.abspath(__file__), "_serve", scenario_name, name, str(life),
+                str(args.concurrency), str(args.wrk_connections), str(getattr(args, "profile_top", 0)),
+            ],
+            children,
+            server_cpus,
+            stderr_path=os.path.join(args.tmp, f"{scenario_name}-{name}-{len(children)}.stderr"),
+        )
+    return servers
+
+
+def stop_servers(servers: dict[str, Child], check_imports: bool) -> dict[str, dict[str, Any]]:
+    """Stop the servers; return what each reported (context switches, profile)."""
+    for server in servers.values():
+        server.send("stop")
+    reports = {}
+    try:
+        for name, server in servers.items():
+            reports[name] = report = json.loads(server.readline())
+            if check_imports and report["imported_stdlib"]:
+                raise RuntimeError(f"the {name} server imported the standard socketserver")
+    finally:
+        for server in servers.values():
+            server.end()
+    return reports
+
+
+def _ports(servers: dict[str, Child]) -> dict[str, int]:
+    ports = {}
+    for name, server in servers.items():
+        words = server.readline().split()
+        if len(words) != 2 or words[0] != "PORT":
+            raise RuntimeError(f"server {name} said {words!r} instead of its port")
+        ports[name] = int(words[1])
+    return ports
+
+
+class Probe:
+    """The load generator in probe mode: records when the whole machine was not running.
+
+    It runs unpinned, one sleeping thread per CPU; an interval in which every CPU's
+    thread woke up late is a stall of the machine (on this VM, the host not running it).
+    """
+
+    def __init__(self, loadgen: str, seconds: float, children: list[Child]) -> None:
+        self.child = Child([loadgen, "probe", str(seconds + LINE_TIMEOUT)], children)
+        if self.child.readline() != "READY":
+            raise RuntimeError("the stall probe did not start")
+
+    #: False when a probe could not get real-time priority (then CPU contention can pass
+    #: for a stall); reported once.
+    realtime = True
+
+    def stop(self) -> list[tuple[float, float]]:
+        self.child.send("stop")
+        try:
+            report = json.loads(self.child.readline())
+            self.child.wait_rusage(10)
+        finally:
+            self.child.kill()
+        if not report["realtime"] and Probe.realtime:
+            Probe.realtime = False
+            print("# NOTE the stall probe could not get real-time priority: busy CPUs may pass for stalls")
+        return [(a, b) for a, b in report["stalls"]]
+
+
+def _switches(report: dict[str, Any]) -> int:
+    """Context switches a server reported: its threads and its (reaped) children."""
+    return sum(report[k] for k in ("nvcsw", "nivcsw", "children_nvcsw", "children_nivcsw"))
+
+
+def stalled(stalls: list[tuple[float, float]], begin: float, end: float) -> float:
+    """Seconds of [begin, end] covered by the stall intervals."""
+    return sum(max(0.0, min(end, b) - max(begin, a)) for a, b in stalls)
+
+
+def round_loadgen(
+    scenario_name: str, scenario: Scenario, order: list[str], args: argparse.Namespace, loadgen: str,
+    children: list[Child],
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """One round of an echo scenario: every strategy loaded in turn by one load generator."""
+    servers: dict[str, Child] = {}
+    client: Child | None = None
+    probe: Probe | None = None
+    _, client_cpus = _pinning(args.pin)
+    total = args.duration * len(order)
+    try:
+        servers = start_servers(scenario_name, order, args, children)
+        ports = _ports(servers)
+        client = Child(
+            [
+                loadgen, scenario.kind, str(args.concurrency), str(args.duration), str(args.slice),
+                str(args.warmup), "0", str(REQUEST_TIMEOUT), *(str(ports[n]) for n in order),
+            ],
+            children,
+            client_cpus,
+        )
+        if client.readline() != "READY":
+            raise RuntimeError("the load generator did not get ready")
+        for server in servers.values():
+            server.send("mark")
+        for name, server in servers.items():
+            if server.readline() != "OK":
+                raise RuntimeError(f"server {name} did not mark its counters")
+        probe = Probe(loadgen, total + REQUEST_TIMEOUT, children)
+        table = process_table()
+        cpu0 = {n: tree_cpu(table, s) for n, s in servers.items()}
+        stat0 = machine_stat()
+        client.send("GO")
+        report = json.loads(client.readline(total + LINE_TIMEOUT))
+        table = process_table()
+        cpu1 = {n: tree_cpu(table, s) for n, s in servers.items()}
+        stat1 = machine_stat()
+        stalls = probe.stop()
+        client.wait_rusage(10)
+        reports = stop_servers(servers, check_imports=True)
+    finally:
+        for child in (client, probe.child if probe else None, *servers.values()):
+            if child is not None:
+                child.kill()
+    t0, wall = report["t0"], report["wall"]
+    # A stalled machine charges the stall to whatever process was running (measured here:
+    # a spinning process was charged most of the time it did not run), so CPU times are
+    # scaled by the share of the load during which the machine ran.
+    running_share = max(1e-9, 1 - stalled(stalls, t0, t0 + wall) / wall)
+    results = {}
+    for name, tally in zip(order, report["targets"]):
+        rates, counted, running = [], 0, 0.0
+        for k, count in tally["slices"]:
+            begin = t0 + k * args.slice
+            length = min(args.slice, total - k * args.slice)
+            ran = length - stalled(stalls, begin, begin + length)
+            counted += count
+            running += ran
+            if ran >= MIN_RUNNING * length:
+                rates.append(count / ran)
+        done = tally["done"]
+        cpu = (cpu1[name] - cpu0[name]) * running_share
+        results[name] = {
+            # Requests started in this server's slices and completed, per second of those
+            # slices during which the machine ran.
+            "rate": counted / running if running >= MIN_RAN else float("nan"),
+            # The median over slices that ran at least MIN_RUNNING of their length (noisier:
+            # few slices survive on a machine that stalls most of the time).
+            "rate_slice_median": statistics.median(rates) if rates else float("nan"),
+            "rate_wall": done / args.duration,
+            "running": running,
+            "cpu_us": cpu / done * 1e6 if done else float("nan"),
+            "loadgen_share": tally["cpu"] / args.duration,
+            "p50_us": tally["p50_us"],
+            "p99_us": tally["p99_us"],
+            "errors": tally["errors"] + tally["lost"],
+            "server_errors": servers[name].handler_errors(),
+            "switches": _switches(reports[name]) / done if done else float("nan"),
+            "done": done,
+        }
+        if "calls" in reports[name]:
+            results[name]["calls"] = reports[name]["calls"] / done if done else float("nan")
+            results[name]["top"] = reports[name]["top"]
+    ncpu = os.cpu_count() or 1
+    servers_cpu = sum(cpu1[n] - cpu0[n] for n in order)
+    machine = {
+        "wall": wall,
+        "stalled_share": 1 - running_share,
+        **machine_shares(stat0, stat1, wall),
+        "loadgen_share": report["cpu"] / wall / ncpu,
+        "servers_share": servers_cpu / wall / ncpu,
+    }
+    machine["other_share"] = machine["tasks_share"] - machine["loadgen_share"] - machine["servers_share"]
+    return results, machine
+
+
+_WRK_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 6e7}
+
+
+def parse_wrk(text: str, close: bool) -> dict[str, float]:
+    """Requests, seconds, errors and latency percentiles from wrk's report.
+
+    With ``Connection: close`` wrk counts a read error for every response after which
+    the server closes the connection, as it should; only read errors beyond one per
+    response are counted then.
+    """
+    match = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", text)
+    if not match:
+        raise RuntimeError(f"cannot read wrk's output:\n{text}")
+    requests = int(match.group(1))
+    seconds = float(match.group(2)) * _WRK_UNITS[match.group(3)] / 1e6
+    errors = 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if sock:
+        connect, read, write, timeout = (int(g) for g in sock.groups())
+        if close:
+            read = max(0, read - requests)
+        errors += connect + read + write + timeout
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if bad:
+        errors += int(bad.group(1))
+    latency = {}
+    for pct in ("50", "99"):
+        found = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
+        latency[pct] = float(found.group(1)) * _WRK_UNITS[found.group(2)] if found else float("nan")
+    return {"requests": requests, "seconds": seconds, "errors": errors, "p50_us": latency["50"], "p99_us": latency["99"]}
+
+
+def _http_warmup(port: int) -> None:
+    """A few requests, so that pools and workers exist before wrk measures."""
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    for _ in range(20):
+        with socket.create_connection((HOST, port), timeout=REQUEST_TIMEOUT) as sock:
+            sock.sendall(request)
+            while sock.recv(65536):
+                pass
+
+
+def round_wrk(
+    scenario_name: str, scenario: Scenario, order: list[str], args: argparse.Namespace, loadgen: str,
+    children: list[Child],
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """One round of an HTTP scenario: one wrk run per strategy, back to back."""
+    servers: dict[str, Child] = {}
+    _, client_cpus = _pinning(args.pin)
+    results: dict[str, dict[str, float]] = {}
+    machine = {"wall": 0.0, "stalled": 0.0, "tasks": 0.0, "irq": 0.0, "steal": 0.0, "loadgen": 0.0, "servers": 0.0}
+    try:
+        servers = start_servers(scenario_name, order, args, children)
+        ports = _ports(servers)
+        for name in order:
+            _http_warmup(ports[name])
+            servers[name].send("mark")
+            if servers[name].readline() != "OK":
+                raise RuntimeError(f"server {name} did not mark its counters")
+            argv = [
+                "wrk", "-t1", f"-c{args.wrk_connections}", f"-d{args.wrk_duration}s",
+                f"--timeout={int(REQUEST_TIMEOUT)}s", "--latency",
+            ]
+            if scenario.kind == "http-close":
+                argv += ["-H", "Connection: close"]
+            argv.append(f"http://{HOST}:{ports[name]}/")
+            probe = Probe(loadgen, args.wrk_duration + REQUEST_TIMEOUT, children)
+            try:
+                table = process_table()
+                cpu0 = tree_cpu(table, servers[name])
+                stat0 = machine_stat()
+                started = time.monotonic()
+                wrk = Child(argv, children, client_cpus, stdin=False)
+                try:
+                    text = wrk.read_all(args.wrk_duration + LINE_TIMEOUT)
+                    wrk.wait_rusage(10)
+                finally:
+                    wrk.kill()
+                ended = time.monotonic()
+                table = process_table()
+                cpu1 = tree_cpu(table, servers[name])
+                stat1 = machine_stat()
+                stalls = probe.stop()
+            finally:
+                probe.child.kill()
+            wall = ended - started
+            lost = stalled(stalls, started, ended)
+            parsed = parse_wrk(text, scenario.kind == "http-close")
+            done = parsed["requests"]
+            ran = parsed["seconds"] - lost
+            running_share = max(1e-9, 1 - lost / wall)
+            wrk_cpu = wrk.rusage.ru_utime + wrk.rusage.ru_stime if wrk.rusage else float("nan")
+            results[name] = {
+                "rate": done / ran if ran >= MIN_RAN else float("nan"),
+                "rate_wall": done / parsed["seconds"],
+                "running": max(0.0, ran),
+                "cpu_us": (cpu1 - cpu0) * running_share / done * 1e6 if done else float("nan"),
+                "loadgen_share": wrk_cpu / wall,
+                "p50_us": parsed["p50_us"],
+                "p99_us": parsed["p99_us"],
+                "errors": parsed["errors"],
+                "done": done,
+            }
+            machine["wall"] += wall
+            machine["stalled"] += lost
+            for kind in ("tasks", "irq", "steal"):
+                machine[kind] += stat1[kind] - stat0[kind]
+            machine["loadgen"] += wrk_cpu
+            machine["servers"] += cpu1 - cpu0
+        reports = stop_servers(servers, check_imports=False)
+    finally:
+        for server in servers.values():
+            server.kill()
+    for name in order:
+        results[name]["server_errors"] = servers[name].handler_errors()
+        done = results[name]["done"]
+        results[name]["switches"] = _switches(reports[name]) / done if done else float("nan")
+    ncpu = os.cpu_count() or 1
+    out = {
+        "wall": machine["wall"],
+        "stalled_share": machine["stalled"] / machine["wall"] if machine["wall"] else float("nan"),
+        **{f"{k}_share": machine[k] / machine["wall"] / ncpu for k in ("tasks", "irq", "steal")},
+        "loadgen_share": machine["loadgen"] / machine["wall"] / ncpu,
+        "servers_share": machine["servers"] / machine["wall"] / ncpu,
+    }
+    out["other_share"] = out["tasks_share"] - out["loadgen_share"] - out["servers_share"]
+    return results, out
+
+
+# --------------------------------------------------------------------------- statistics and output
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and b == b and a == a else float("nan")
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v == v]
+    if not values:
+        return float("nan"), float("nan")
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def _median(values: list[float]) -> float:
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, Any]:
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for scenario, by_name in runs.items():
+        table[scenario] = {}
+        for name, rounds in by_name.items():
+            rates = [r["rate"] for r in rounds if r["rate"] == r["rate"]] or [float("nan")]
+            table[scenario][name] = {
+                "rate": _median(rates),
+                "rate_min": min(rates),
+                "rate_max": max(rates),
+                "rate_wall": _median([r["rate_wall"] for r in rounds]),
+                "running": sum(r["running"] for r in rounds),
+                "cpu_us": _median([r["cpu_us"] for r in rounds]),
+                "loadgen_share": _median([r["loadgen_share"] for r in rounds]),
+                "p50_us": _median([r["p50_us"] for r in rounds]),
+                "p99_us": _median([r["p99_us"] for r in rounds]),
+                "errors": sum(r["errors"] for r in rounds),
+                "server_errors": sum(r.get("server_errors", 0) for r in rounds),
+                "switches": _median([r["switches"] for r in rounds]),
+                "done": sum(r["done"] for r in rounds),
+            }
+    goals = []
+    for goal in GOALS:
+        by_name = runs.get(goal.scenario, {})
+        if goal.num not in by_name or goal.den not in by_name:
+            goals.append({"goal": goal.__dict__, "measured": False})
+            continue
+        key = "rate" if goal.metric == "rate" else "cpu_us"
+        per_round = [_ratio(a[key], b[key]) for a, b in zip(by_name[goal.num], by_name[goal.den])]
+        ratio = _ratio(table[goal.scenario][goal.num][key], table[goal.scenario][goal.den][key])
+        finite = [r for r in per_round if r == r]
+        goals.append({
+            "goal": goal.__dict__,
+            "measured": True,
+            "ratio": ratio,
+            "min": min(finite) if finite else float("nan"),
+            "max": max(finite) if finite else float("nan"),
+            "iqr": _quartiles(per_round),
+            "rounds": per_round,
+            "met": goal.met(ratio),
+        })
+    return {"table": table, "goals": goals}
+
+
+def print_results(summary: dict[str, Any], machine: dict[str, list[dict[str, float]]], scen: dict[str, Scenario]) -> None:
+    print()
+    print("Medians over rounds. rate: requests (connections, datagrams) per second of the time the")
+    print("machine ran (min-max over rounds); wall: per wall-clock second, stalls included; ran s:")
+    print("seconds of load that ran, all rounds; srv CPU: server CPU per request, all its processes")
+    print("and threads; ctx sw: the server's context switches per request (all its threads and")
+    print("processes); loadgen: the load generator's (wrk's) CPU while loading that server, share of")
+    print("one CPU; p50/p99: latency; errors: failed or lost requests; srv err: tracebacks the server")
+    print("printed through handle_error.")
+    header = (
+        f"{'scenario':<15}{'strategy':<19}{'rate/s':>8}{'min-max':>14}{'wall':>7}{'ran s':>7}"
+        f"{'srv CPU us':>11}{'ctx sw':>7}{'loadgen':>8}{'p50 us':>8}{'p99 us':>9}{'errors':>7}{'srv err':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for scenario, by_name in summary["table"].items():
+        for name, row in by_name.items():
+            print(
+                f"{scenario:<15}{name:<19}{row['rate']:>8.0f}{row['rate_min']:>7.0f}-{row['rate_max']:<6.0f}"
+                f"{row['rate_wall']:>7.0f}{row['running']:>7.1f}{row['cpu_us']:>11.1f}{row['switches']:>7.2f}"
+                f"{row['loadgen_share']:>7.0%} "
+                f"{row['p50_us']:>8.0f}{row['p99_us']:>9.0f}{row['errors']:>7d}{row['server_errors']:>8d}"
+            )
+    print()
+    print("Machine during the measured load (median over rounds): share of the time it was stalled")
+    print("(not run by its host); shares of all CPUs over the wall-clock time: processes (/proc/stat")
+    print("user+system), irq+softirq (much of the loopback network work), steal; the benchmark's")
+    print("processes (as charged to them); other processes = processes - benchmark:")
+    for scenario, rows in machine.items():
+        print(
+            f"  {scenario:<15} stalled {_median([r['stalled_share'] for r in rows]):.0%}  "
+            f"processes {_median([r['tasks_share'] for r in rows]):.0%}  "
+            f"irq {_median([r['irq_share'] for r in rows]):.0%}  "
+            f"steal {_median([r['steal_share'] for r in rows]):.0%}  "
+            f"load generator {_median([r['loadgen_share'] for r in rows]):.0%}  "
+            f"servers {_median([r['servers_share'] for r in rows]):.0%}  "
+            f"other processes {_median([r['other_share'] for r in rows]):.0%}"
+        )
+    print()
+    print("Goals: ratio of the medians; min-max and IQR of the per-round ratios.")
+    header = f"{'goal':<48}{'ratio':>8}{'min-max':>13}{'IQR':>13}{'goal':>9}  met"
+    print(header)
+    print("-" * len(header))
+    for g in summary["goals"]:
+        goal = g["goal"]
+        op = ">=" if goal["metric"] == "rate" else "<="
+        if not g["measured"]:
+            print(f"{goal['label']:<48}{'not measured':>34}{op:>4}{goal['target']:<5}  n/a")
+            continue
+        print(
+            f"{goal['label']:<48}{g['ratio']:>7.2f}x{g['min']:>7.2f}-{g['max']:<5.2f}"
+            f"{g['iqr'][0]:>7.2f}-{g['iqr'][1]:<5.2f}{op:>4}{goal['target']:<5}  {'yes' if g['met'] else 'NO'}"
+        )
+
+
+def summary_line(summary: dict[str, Any], load: float) -> str:
+    parts = []
+    met = measured = 0
+    for g in summary["goals"]:
+        goal = g["goal"]
+        op = ">=" if goal["metric"] == "rate" else "<="
+        if not g["measured"]:
+            parts.append(f"{goal['label']} n/a")
+            continue
+        measured += 1
+        met += g["met"]
+        parts.append(
+            f"{goal['label']} {g['ratio']:.2f}x ({g['min']:.2f}-{g['max']:.2f}) {op}{goal['target']:g} "
+            f"{'met' if g['met'] else 'MISSED'}"
+        )
+    return f"SUMMARY goals met {met}/{measured} | " + "; ".join(parts) + f" | load {load:.2f}"
+
+
+def plot(summary: dict[str, Any], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summary["table"]
+    names = list(table)
+    fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.0 + 1.0 * sum(len(table[n]) for n in names) / 2.2))
+    if len(names) == 1:
+        axes = [axes]
+    colours = {"sockserve": "#2b6cb0", "stdlib": "#a0a0a0", "ref": "#d69e2e"}
+    for ax, scenario in zip(axes, names):
+        rows = table[scenario]
+        labels = list(rows)
+        values = [rows[n]["rate"] for n in labels]
+        low = [rows[n]["rate"] - rows[n]["rate_min"] for n in labels]
+        high = [rows[n]["rate_max"] - rows[n]["rate"] for n in labels]
+        kinds = [
+            "sockserve" if n in ("threadpool", "prefork") else "ref" if n in ("asyncio", "uvloop") else "stdlib"
+            for n in labels
+        ]
+        y = range(len(labels))
+        ax.barh(y, values, xerr=[low, high], color=[colours[k] for k in kinds], capsize=3)
+        ax.set_yticks(list(y))
+        ax.set_yticklabels(labels)
+        ax.invert_yaxis()
+        ax.set_title(scenario, fontsize=10, loc="left")
+        ax.set_xlabel(summary["units"][scenario] + " (median over rounds, whiskers min-max)", fontsize=8)
+        for yi, v, hi in zip(y, values, high):
+            if v == v:
+                ax.text(v + (hi if hi == hi else 0), yi, f"  {v:,.0f}", va="center", fontsize=8)
+        ax.margins(x=0.15)
+    from matplotlib.patches import Patch
+
+    fig.legend(
+        handles=[Patch(color=colours[k], label=t) for k, t in (
+            ("sockserve", "sockserve"), ("stdlib", "standard socketserver"), ("ref", "asyncio / uvloop"))],
+        loc="upper right", fontsize=8,
+    )
+    fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def profile_all(
+    chosen: dict[str, list[str]], scen: dict[str, Scenario], args: argparse.Namespace, loadgen: str,
+    children: list[Child],
+) -> None:
+    """Each strategy alone under the load generator, its threads under cProfile."""
+    args.warmup = 0.0  # the profile covers the whole life of the server: no unmeasured load
+    for name, names in chosen.items():
+        if scen[name].uses_wrk:
+            print(f"# --profile: {name} skipped (echo scenarios only)")
+            continue
+        for strategy in names:
+            results, mach = round_loadgen(name, scen[name], [strategy], args, loadgen, children)
+            r = results[strategy]
+            calls = r.get("calls", float("nan"))
+            print(
+                f"=== {name} / {strategy}: {r['done']} requests, {r['rate']:.0f}/s under cProfile "
+                f"(machine stalled {mach['stalled_share']:.0%}); {calls:.1f} Python calls and "
+                f"{r['switches']:.2f} context switches per request"
+                + ("" if strategy not in ("prefork", "ForkingTCPServer") else
+                   " (forked processes are not profiled: calls are the parent's only)")
+            )
+            print(r.get("top", ""))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Throughput of sockserve's threadpool and prefork against the standard socketserver."
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="rounds (default 7)")
+    parser.add_argument(
+        "--duration", type=float, default=1.0,
+        help="measured seconds per strategy per round, echo scenarios (default 1.0)",
+    )
+    parser.add_argument(
+        "--wrk-duration", type=int, default=1, help="seconds of each wrk run, HTTP scenarios (default 1)"
+    )
+    parser.add_argument("--slice", type=float, default=0.1, help="seconds on one server before the next (default 0.1)")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per round, echo scenarios (default 0.5)")
+    parser.add_argument(
+        "--concurrency", type=int, default=8,
+        help="connections in flight / open connections / outstanding datagrams (default 8)",
+    )
+    parser.add_argument("--wrk-connections", type=int, default=8, help="wrk connections (default 8)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIO_NAMES), help=f"comma-separated subset of {', '.join(SCENARIO_NAMES)}")
+    parser.add_argument(
+        "--strategies", default="",
+        help="comma-separated subset of strategies (default: all of each scenario)",
+    )
+    parser.add_argument(
+        "--pin", choices=("none", "split", "same"), default="none",
+        help="none (default): the scheduler places everything (the multi-process strategies need "
+        "both CPUs); split: servers on the last CPUs, load generator on the first; same: all on one CPU",
+    )
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="instead of the benchmark: each strategy of the echo scenarios alone for --duration "
+        "seconds under cProfile; prints Python calls and context switches per request and the "
+        "top functions",
+    )
+    parser.add_argument("--profile-top", type=int, default=15, help="rows of --profile output (default 15)")
+    parser.add_argument("--json", metavar="PATH", help="write every round and the summary as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of throughput per strategy (needs matplotlib)")
+    args = parser.parse_args(argv)
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in args.scenarios if s not in SCENARIO_NAMES]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIO_NAMES)}")
+    args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if args.rounds < 1 or args.duration <= 0 or args.wrk_duration < 1 or args.warmup < 0:
+        parser.error("--rounds, --wrk-duration >= 1, --duration > 0, --warmup >= 0")
+    if not 0 < args.slice <= args.duration:
+        parser.error("--slice must be > 0 and at most --duration")
+    if not 1 <= args.concurrency <= 1024 or not 1 <= args.wrk_connections <= 1024:
+        parser.error("--concurrency and --wrk-connections must be 1..1024")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    scen = scenarios(args.concurrency, args.wrk_connections)
+    chosen: dict[str, list[str]] = {}
+    notes = []
+    have_uvloop = importlib.util.find_spec("uvloop") is not None
+    if not have_uvloop:
+        notes.append("uvloop is not installed: its contender is skipped")
+    have_wrk = shutil.which("wrk") is not None
+    for name in args.scenarios:
+        if scen[name].uses_wrk and not have_wrk:
+            notes.append(f"wrk not found: scenario {name} skipped (apt-get install wrk)")
+            continue
+        names = [n for n in scen[name].contenders if not args.strategies or n in args.strategies]
+        if not have_uvloop:
+            names = [n for n in names if n != "uvloop"]
+        if names:
+            chosen[name] = names
+    if not chosen:
+        print("nothing to run", file=sys.stderr)
+        return 2
+    load = os.getloadavg()[0]
+    started_at = datetime.datetime.now(datetime.timezone.utc)
+    print(
+        f"# {started_at.isoformat(timespec='seconds')}  Python {platform.python_version()}  "
+        f"{platform.machine()}  cpus={os.cpu_count()}  load={load:.2f}  pin={args.pin}"
+    )
+    print(
+        f"# rounds={args.rounds} duration={args.duration}s/strategy slice={args.slice}s "
+        f"warmup={args.warmup}s concurrency={args.concurrency} wrk: {args.wrk_duration}s/strategy, "
+        f"{args.wrk_connections} connections"
+    )
+    for name, names in chosen.items():
+        print(f"# {name}: " + "; ".join(f"{n} = {scen[name].contenders[n].describe()}" for n in names))
+    for note in notes:
+        print(f"# NOTE {note}")
+    children: list[Child] = []
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {s: {n: [] for n in names} for s, names in chosen.items()}
+    machine: dict[str, list[dict[str, float]]] = {s: [] for s in chosen}
+    loads = [load]
+    begun = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench_throughput-") as tmp:
+        args.tmp = tmp
+        loadgen = compile_loadgen(tmp)  # also the stall probe
+        if args.profile:
+            try:
+                profile_all(chosen, scen, args, loadgen, children)
+            finally:
+                for child in children:
+                    child.kill()
+            return 0
+        args.profile_top = 0
+        try:
+            for rnd in range(args.rounds):
+                for index, (name, names) in enumerate(chosen.items()):
+                    shift = (rnd + index) % len(names)
+                    order = names[shift:] + names[:shift]
+                    if scen[name].uses_wrk:
+                        results, mach = round_wrk(name, scen[name], order, args, loadgen, children)
+                    else:
+                        results, mach = round_loadgen(name, scen[name], order, args, loadgen, children)
+                    for n, r in results.items():
+                        runs[name][n].append(r)
+                    machine[name].append(mach)
+                loads.append(os.getloadavg()[0])
+                line = "  ".join(
+                    f"{s}: " + " ".join(f"{n} {runs[s][n][-1]['rate']:.0f}" for n in names)
+                    for s, names in chosen.items()
+                )
+                print(f"# round {rnd + 1}/{args.rounds} ({time.monotonic() - begun:.0f}s) {line}", flush=True)
+        finally:
+            for child in children:
+                child.kill()
+    summary = summarize(runs)
+    summary["units"] = {s: scen[s].unit for s in chosen}
+    print_results(summary, machine, scen)
+    elapsed = time.monotonic() - begun
+    print(f"# wall time {elapsed:.0f}s; load average at the start and after each round: "
+          + " ".join(f"{x:.2f}" for x in loads))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(
+                {
+                    "started": started_at.isoformat(timespec="seconds"),
+                    "args": vars(args),
+                    "loads": loads,
+                    "runs": runs,
+                    "machine": machine,
+                    "summary": summary,
+                },
+                fh,
+                indent=1,
+            )
+    if args.plot:
+        title = (
+            f"sockserve throughput, {started_at:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} vCPUs, "
+            f"load {statistics.median(loads):.1f}, {args.rounds} rounds"
+        )
+        plot(summary, args.plot, title)
+        print(f"# plot written to {args.plot}")
+    print(summary_line(summary, statistics.median(loads)))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_serve":
+        serve_main(sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]))
+    else:
+        sys.exit(main(sys.argv[1:]))
