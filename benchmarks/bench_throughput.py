@@ -594,7 +594,10 @@ class Child:
                 raise TimeoutError(f"child {self.pid} ({self.proc.args[1:3]}) said nothing for {timeout}s")
             chunk = os.read(fd, 65536)
             if not chunk:
-                raise RuntimeError(f"child {self.pid} ({self.proc.args[1:3]}) exited (status {self.proc.poll()})")
+                raise RuntimeError(
+                    f"child {self.pid} ({self.proc.args[1:4]}) exited (status {self.proc.poll()})"
+                    + self._stderr_tail()
+                )
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode()
@@ -629,6 +632,16 @@ class Child:
                 self.kill()
                 return None
             time.sleep(0.01)
+
+    def _stderr_tail(self, lines: int = 12) -> str:
+        if not self.stderr_path:
+            return ""
+        try:
+            with open(self.stderr_path, "rb") as fh:
+                tail = fh.read().decode(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return ("; its stderr ends:\n" + "\n".join(tail)) if tail else ""
 
     def handler_errors(self) -> int:
         """Tracebacks the server printed through handle_error (its stderr goes to a file)."""
@@ -1126,6 +1139,9 @@ def summarize(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, A
         key = "rate" if goal.metric == "rate" else "cpu_us"
         per_round = [_ratio(a[key], b[key]) for a, b in zip(by_name[goal.num], by_name[goal.den])]
         ratio = _ratio(table[goal.scenario][goal.num][key], table[goal.scenario][goal.den][key])
+        if ratio != ratio:  # a side never ran long enough for a rate (the machine stalled)
+            goals.append({"goal": goal.__dict__, "measured": False})
+            continue
         finite = [r for r in per_round if r == r]
         goals.append({
             "goal": goal.__dict__,
@@ -1187,7 +1203,7 @@ def print_results(summary: dict[str, Any], machine: dict[str, list[dict[str, flo
         goal = g["goal"]
         op = ">=" if goal["metric"] == "rate" else "<="
         if not g["measured"]:
-            print(f"{goal['label']:<48}{'not measured':>34}{op:>4}{goal['target']:<5}  n/a")
+            print(f"{goal['label']:<48}{'not measured / no data':>34}{op:>4}{goal['target']:<5}  n/a")
             continue
         print(
             f"{goal['label']:<48}{g['ratio']:>7.2f}x{g['min']:>7.2f}-{g['max']:<5.2f}"
@@ -1272,13 +1288,14 @@ def profile_all(
         for strategy in names:
             results, mach = round_loadgen(name, scen[name], [strategy], args, loadgen, children)
             r = results[strategy]
-            calls = r.get("calls", float("nan"))
+            forks = strategy in ("prefork", "ForkingTCPServer")
+            calls = "n/a (requests run in forked processes, not profiled)" if forks else (
+                f"{r.get('calls', float('nan')):.1f}"
+            )
             print(
                 f"=== {name} / {strategy}: {r['done']} requests, {r['rate']:.0f}/s under cProfile "
-                f"(machine stalled {mach['stalled_share']:.0%}); {calls:.1f} Python calls and "
-                f"{r['switches']:.2f} context switches per request"
-                + ("" if strategy not in ("prefork", "ForkingTCPServer") else
-                   " (forked processes are not profiled: calls are the parent's only)")
+                f"(machine stalled {mach['stalled_share']:.0%}); per request: Python calls {calls}, "
+                f"context switches {r['switches']:.2f} (all threads and processes)"
             )
             print(r.get("top", ""))
 
@@ -1344,6 +1361,13 @@ def main(argv: list[str]) -> int:
     scen = scenarios(args.concurrency, args.wrk_connections)
     chosen: dict[str, list[str]] = {}
     notes = []
+    if importlib.util.find_spec("sockserve") is None:
+        print(
+            f"sockserve is not importable by {sys.executable}: run this with the Python of an "
+            "environment where it is installed (pip install -e .)",
+            file=sys.stderr,
+        )
+        return 2
     have_uvloop = importlib.util.find_spec("uvloop") is not None
     if not have_uvloop:
         notes.append("uvloop is not installed: its contender is skipped")
