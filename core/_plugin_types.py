@@ -5,7 +5,6 @@ A plugin conforms by shape; these classes are what the entry points name.
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import attrs

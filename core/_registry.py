@@ -17,7 +17,7 @@ import importlib_metadata
 
 from ._errors import PluginClashWarning, PluginLoadError, UnknownPluginError
 from ._options import with_options
-from ._plugin_types import AddressFamily, SocketType, Transport
+from ._plugin_types import AddressFamily, Transport
 
 __all__ = ["Registry", "PluginInfo", "registry", "compose", "KINDS"]
 
