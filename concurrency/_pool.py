@@ -38,10 +38,11 @@ class ThreadPool:
         # Running plus waiting requests may not exceed size + backlog.
         self._limit = size + backlog
         self._in_pool = 0
-        lock = threading.Lock()
+        # Reentrant: a prefork worker's SIGTERM handler calls shutdown() -> interrupt() in
+        # the serving thread, which may be interrupted while it holds this lock in submit().
+        lock = threading.RLock()
         self._ready = threading.Condition(lock)  # workers wait here for requests
         self._space = threading.Condition(lock)  # submit waits here for room
-        self._interrupted = False
         self._closing = False
         #: The request each worker is running (None when idle), for cut-off at a deadline.
         self.running: dict[threading.Thread, Any] = {}
@@ -55,37 +56,38 @@ class ThreadPool:
     def submit(self, request: Any, client_address: Any) -> None:
         """Queue a request; block while ``size + backlog`` requests are in the pool.
 
-        ``interrupt()`` ends the wait: the request is queued over the limit, so that a
-        shutdown is not held up by a full pool and nothing accepted is lost.
+        Once the server's shutdown has been asked for, the request is queued over the
+        limit instead, so that a shutdown is not held up by a full pool and nothing
+        accepted is lost.
         """
+        server = self._server
         with self._ready:
-            while self._in_pool >= self._limit and not self._interrupted:
+            while self._in_pool >= self._limit and not server._sockserve_shutdown_request:
                 self._space.wait()
-            self._interrupted = False
             self._in_pool += 1
             self._queue.append((request, client_address))
             self._ready.notify()
 
     def wait_for_room(self) -> bool:
-        """Wait until another request fits in the pool; False if ``interrupt()`` ended it.
+        """Wait until another request fits in the pool; False once shutdown is asked for.
 
         The serving thread calls this before it accepts, so that a full pool leaves new
         connections in the kernel's listen backlog instead of accepting and holding them.
         """
+        server = self._server
         with self._ready:
             while self._in_pool >= self._limit:
-                if self._interrupted:
-                    self._interrupted = False
+                # Read under the pool's lock: interrupt() takes it after shutdown() set
+                # the flag, so either we see the flag here or its notify wakes us.
+                if server._sockserve_shutdown_request:
                     return False
                 self._space.wait()
             return True
 
     def interrupt(self) -> None:
-        """Wake a ``submit`` waiting for room (the server is shutting down)."""
+        """Wake the serving thread waiting for room (shutdown() has set its flag)."""
         with self._ready:
-            if self._in_pool >= self._limit:
-                self._interrupted = True
-                self._space.notify_all()
+            self._space.notify_all()
 
     def _work(self) -> None:
         me = threading.current_thread()

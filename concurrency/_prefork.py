@@ -311,12 +311,12 @@ class PreforkMixIn:
         shared.close()
         self.socket = own
 
-    def shutdown(self) -> None:
-        """Stop serving (in a worker, also when it waits for room in a full thread pool)."""
+    def _sockserve_wake_loop(self) -> None:
+        """Wake the serve loop, also where a worker waits for room in its full thread pool."""
+        super()._sockserve_wake_loop()  # type: ignore[misc]
         pool = getattr(self, "_prefork_pool", None)
         if pool is not None:
             pool.interrupt()
-        super().shutdown()  # type: ignore[misc]
 
     def get_request(self) -> Any:
         """In a worker with a thread pool, accept only when the pool has room."""

@@ -70,12 +70,12 @@ class ThreadpoolMixIn:
         """Queue the request for the pool."""
         self._threadpool().submit(request, client_address)
 
-    def shutdown(self) -> None:
-        """Stop the serve loop, also when it waits for room in a full pool."""
+    def _sockserve_wake_loop(self) -> None:
+        """Wake the serve loop, also where it waits for room in a full pool."""
+        super()._sockserve_wake_loop()  # type: ignore[misc]
         pool = self._pool
         if pool is not None:
             pool.interrupt()
-        super().shutdown()  # type: ignore[misc]
 
     def server_close(self) -> None:
         """Close the server, then drain and stop the pool (see ``block_on_close``)."""

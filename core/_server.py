@@ -116,7 +116,9 @@ class BaseServer:
         #: Requests cut off when the drain deadline passed.
         self.requests_cut_off = 0
         self._sockserve_hooks: HookRelay = relay_for(type(self)._sockserve_plugins)
-        self._sockserve_lock = threading.Lock()
+        # Reentrant: a signal handler that calls shutdown() (prefork workers, sockserve
+        # serve) runs in the serving thread and may interrupt it while it holds the lock.
+        self._sockserve_lock = threading.RLock()
         self._sockserve_shutdown_request = False
         self._sockserve_is_shut_down = threading.Event()
         self._sockserve_is_shut_down.set()
@@ -217,7 +219,7 @@ class BaseServer:
         for sock in (self._sockserve_wake, self._sockserve_wake_r):
             if sock is not None:
                 sock.close()  # the child's copies; the parent's stay open
-        self._sockserve_lock = threading.Lock()
+        self._sockserve_lock = threading.RLock()
         self._sockserve_shutdown_request = False
         self._sockserve_is_shut_down = threading.Event()
         self._sockserve_is_shut_down.set()
@@ -236,12 +238,7 @@ class BaseServer:
         """
         with self._sockserve_lock:
             self._sockserve_shutdown_request = True
-            wake = self._sockserve_wake
-            if wake is not None:
-                try:
-                    wake.send(b"\0")
-                except OSError:  # buffer full: a wake-up is already pending
-                    pass
+            self._sockserve_wake_loop()
             if self._sockserve_serving_thread == threading.get_ident():
                 return
         drain = self.drain_timeout
@@ -251,6 +248,20 @@ class BaseServer:
         # A sync request still runs in the serving thread past the drain deadline.
         self._sockserve_cut_off_serving_request()
         self._sockserve_is_shut_down.wait()
+
+    def _sockserve_wake_loop(self) -> None:
+        """Wake the serve loop where it waits; called by ``shutdown()`` after it set the flag.
+
+        The loop waits in poll(), woken through the socket pair. A strategy that makes the
+        serving thread wait elsewhere too (a full thread pool) extends this to wake it
+        there; the flag is already set, so a woken loop sees it and never waits again.
+        """
+        wake = self._sockserve_wake
+        if wake is not None:
+            try:
+                wake.send(b"\0")
+            except OSError:  # buffer full: a wake-up is already pending
+                pass
 
     def _sockserve_cut_off_serving_request(self) -> None:
         request = getattr(self, "_sockserve_current", None)
