@@ -201,6 +201,49 @@ def test_shutdown_returns_promptly_while_the_pool_is_full():
     assert (gate.started, verified.count) == (1, 1)  # the others were never accepted
 
 
+def test_serve_forever_again_after_a_shutdown_with_a_busy_pool_keeps_the_bound():
+    """A shutdown that found the serving thread in poll() (pool full, nothing waiting)
+    leaves no stale wake-up behind: the next serve_forever serves and still accepts no
+    more than ``workers + backlog`` requests at once."""
+    gate = Gate()
+    verified = Verified()
+    cls = sockserve.compose(
+        "tcp", "threadpool", plugins=[verified], options={"workers": 1, "backlog": 0}
+    )
+    with no_leaks():
+        server = cls(LOOPBACK, gate.handler())
+        thread = start_serving(server)
+        try:
+            first = send_request(server, b"first")
+            assert wait_until(lambda: gate.started == 1)
+            time.sleep(0.1)  # the serving thread is back in poll(): nothing else waits
+            started = time.monotonic()
+            server.shutdown()
+            assert time.monotonic() - started < 1.0
+            thread.join(10)
+            assert not thread.is_alive()
+            gate.release.set()
+            assert read_to_eof(first) == b"FIRST"
+            first.close()
+            gate.release.clear()
+            thread = start_serving(server)
+            clients = [send_request(server, b"again %d" % i) for i in range(3)]
+            assert wait_until(lambda: gate.started == 2)
+            time.sleep(0.3)  # room for the serving thread to accept more, if it would
+            assert verified.count == 2, f"{verified.count} accepted for 1 worker + backlog 0"
+            gate.release.set()
+            replies = [read_to_eof(client) for client in clients]
+            for client in clients:
+                client.close()
+        finally:
+            gate.release.set()
+            server.shutdown()
+            thread.join(10)
+            server.server_close()
+    assert replies == [b"AGAIN %d" % i for i in range(3)]
+    assert verified.count == 4
+
+
 def test_close_with_block_on_close_drains_queued_and_running_requests():
     gate = Gate()
     verified = Verified()
