@@ -115,6 +115,9 @@ class ForkingMixIn:
             self.active_children.add(pid)
             self.close_request(request)  # type: ignore[attr-defined]
             return
+        # The child must not share the parent's wake-up socket: a handler calling
+        # server.shutdown() would wake the parent's loop with no stop asked for there.
+        self._sockserve_after_fork()  # type: ignore[attr-defined]
         exit_child(lambda: 0 if self.run_request(request, client_address) else 1)  # type: ignore[attr-defined]
 
     def server_close(self) -> None:

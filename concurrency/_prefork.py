@@ -29,6 +29,7 @@ import attrs
 from ..core._errors import OptionError
 from ..core._hooks import call_hook
 from ..core._options import count, flag
+from ..core._server import LISTEN_BACKLOG
 from ._forking import exit_child
 from ._pool import ThreadPool
 from ._threadpool import BACKLOG as THREADPOOL_BACKLOG
@@ -73,6 +74,8 @@ class PreforkMixIn:
     sockserve_options = PreforkOptions
     #: Number of worker processes.
     workers = WORKERS
+    #: listen() backlog: large, unlike the documented classes' 5 (see LISTEN_BACKLOG).
+    request_queue_size = LISTEN_BACKLOG
     #: Strategy inside each worker: ``"sync"`` or ``"threadpool"``.
     inner = "sync"
     #: Threads per worker with ``inner="threadpool"``.

@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from ..core._options import count, flag
+from ..core._server import LISTEN_BACKLOG
 from ._pool import ThreadPool
 
 __all__ = ["ThreadpoolMixIn"]
@@ -46,6 +47,8 @@ class ThreadpoolMixIn:
     sockserve_options = ThreadpoolOptions
     #: Number of worker threads.
     workers = WORKERS
+    #: listen() backlog: large, unlike the documented classes' 5 (see LISTEN_BACKLOG).
+    request_queue_size = LISTEN_BACKLOG
     #: Accepted requests that may wait for a worker.
     backlog = BACKLOG
     #: Make the worker threads daemon threads.

@@ -15,6 +15,7 @@ from ._errors import PluginLoadError, SockserveError
 from ._hooks import block_plugins
 from ._options import with_options
 from ._registry import KINDS, registry
+from ._server import LISTEN_BACKLOG
 
 __all__ = ["main", "parse_address"]
 
@@ -22,10 +23,8 @@ DEFAULT_ADDRESS = "localhost:9999"
 DEFAULT_HANDLER = "sockserve.core._demo:UpperCaseHandler"
 ADDRESS_SHAPES = "HOST:PORT, [IPV6]:PORT, PORT or unix:PATH"
 
-#: listen() backlog of ``sockserve serve``: the most the system allows (the kernel caps
-#: it at net.core.somaxconn). The standard classes keep the documented 5, which drops
-#: connections under any burst.
-SERVE_BACKLOG = socket.SOMAXCONN
+#: listen() backlog of ``sockserve serve``: the one sockserve's own strategies use.
+SERVE_BACKLOG = LISTEN_BACKLOG
 #: Seconds ``sockserve serve`` lets in-flight requests finish after Ctrl-C or SIGTERM.
 SERVE_DRAIN_TIMEOUT = 10.0
 #: Seconds between turns of the serve loop (service_actions, reaping children).

@@ -76,6 +76,14 @@ else:  # pragma: no cover - Windows: the same interface over a selector
         return seconds
 
 
+#: The listen() backlog of sockserve's own strategies (threadpool, prefork) and of
+#: ``sockserve serve``: the most the system allows (the kernel caps it at
+#: net.core.somaxconn). The documented 5 drops connections under any burst: with 8
+#: clients connecting at once, a dropped SYN costs a 1 s retransmission
+#: (benchmarks/THROUGHPUT.md).
+LISTEN_BACKLOG = socket.SOMAXCONN
+
+
 @attrs.define
 class ServerOptions:
     """Options of every server (see ``BaseServer``)."""

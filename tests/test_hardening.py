@@ -8,7 +8,7 @@ can be shown without hanging the suite, the same scenario runs against it side b
 - in-flight requests drain on close, bounded by ``drain_timeout``;
 - accept() running out of descriptors backs off instead of spinning;
 - an oversized UDP datagram is reported instead of being cut silently;
-- the listen backlog of the standard names and of ``sockserve serve``;
+- the listen backlog of the standard names, of threadpool and prefork and of ``sockserve serve``;
 - a lifecycle plugin that raises never stops the serve loop.
 """
 
@@ -740,7 +740,7 @@ def test_standard_udp_server_cuts_an_oversized_datagram_silently():
     assert errors == []
 
 
-@pytest.mark.parametrize("concurrency", ["sync", "threading", "forking"])
+@pytest.mark.parametrize("concurrency", ["sync", "threading", "forking", "threadpool"])
 @pytest.mark.parametrize("transport", ["udp", "udp6"])
 def test_oversized_datagram_is_dropped_and_reported_instead_of_cut(transport, concurrency):
     skip_unless_supported(transport, concurrency)
@@ -771,6 +771,27 @@ def test_oversized_datagram_is_dropped_and_reported_instead_of_cut(transport, co
         f"datagram from {me!r} is larger than max_packet_size=8192; "
         "dropped instead of delivering it truncated"
     )
+
+
+@pytest.mark.parametrize("transport", ["udp", "unix-dgram"])
+def test_oversized_datagram_is_dropped_and_reported_in_a_prefork_worker(transport, tmp_path):
+    """prefork workers receive the datagrams: detection and report happen there."""
+    skip_unless_supported(transport, "prefork")
+
+    class Server(sockserve.compose(transport, "prefork", options={"workers": 1})):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            exc = sys.exc_info()[1]
+            if isinstance(exc, sockserve.DatagramTruncatedError):  # tell the client
+                note = b"dropped %d, max %d" % (self.datagrams_truncated, exc.max_packet_size)
+                self.socket.sendto(note, exc.client_address)
+
+    with no_leaks():
+        with serving(Server(address_for(transport, tmp_path), ReportsLength)) as server:
+            with connect(server, tmp_path) as client:
+                client.sendall(b"x" * BIG)
+                client.sendall(b"small")
+                assert client.recv(64) == b"dropped 1, max 8192"
+                assert client.recv(64) == b"5"
 
 
 def test_datagram_of_exactly_max_packet_size_is_delivered_whole():
@@ -819,11 +840,28 @@ def test_standard_tcp_server_listens_with_a_backlog_of_five():
         assert listen_backlog(server.server_address[1]) == 5
 
 
+def kernel_capped(backlog: int) -> int:
+    """The backlog listen(*backlog*) gets: the kernel caps it at net.core.somaxconn."""
+    with open("/proc/sys/net/core/somaxconn") as f:
+        return min(backlog, int(f.read()))
+
+
+@requires_ss
+@pytest.mark.parametrize("concurrency", ["threadpool", "prefork"])
+def test_sockserve_strategies_listen_with_a_large_backlog_unless_told_otherwise(concurrency):
+    cls = sockserve.compose("tcp", concurrency)
+    assert cls.request_queue_size >= 128
+    with cls(LOOPBACK, EchoUpper) as server:
+        assert listen_backlog(server.server_address[1]) == kernel_capped(cls.request_queue_size)
+    smaller = sockserve.compose("tcp", concurrency, options={"request_queue_size": 7})
+    with smaller(LOOPBACK, EchoUpper) as server:
+        assert listen_backlog(server.server_address[1]) == 7
+
+
 @requires_ss
 def test_cli_serve_listens_with_the_large_serve_backlog():
     assert _cli.SERVE_BACKLOG >= 128
-    with open("/proc/sys/net/core/somaxconn") as f:
-        expected = min(_cli.SERVE_BACKLOG, int(f.read()))  # the kernel caps it
+    expected = kernel_capped(_cli.SERVE_BACKLOG)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sockserve", "serve", "127.0.0.1:0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -21,7 +21,8 @@ from ..core._server import BaseServer
 __all__ = ["TCPServer", "STREAM"]
 
 #: The standard module's listen() backlog for the documented classes; kept for
-#: compatibility. sockserve's command line uses a larger one (see core/_cli.py).
+#: compatibility. sockserve's own strategies and command line use LISTEN_BACKLOG
+#: (core/_server.py).
 REQUEST_QUEUE_SIZE = 5
 
 

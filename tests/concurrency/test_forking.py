@@ -327,3 +327,27 @@ def test_per_request_hooks_fire_in_the_child(tmp_path):
     assert os.getpid() not in pids
     expected = [f"start {pid}" for pid in pids] + [f"finish {pid} None" for pid in pids]
     assert sorted(log_path.read_text().splitlines()) == sorted(expected)
+
+
+def test_shutdown_called_in_a_child_stops_neither_the_child_nor_the_parent():
+    """A handler calling server.shutdown() in its child returns at once, and the parent's
+    loop goes on serving (the child has its own serving state, not the parent's wake-up
+    socket). The standard module's child would wait forever on the parent's event."""
+
+    class ShutsDown(sockserve.BaseRequestHandler):
+        def handle(self):
+            self.server.shutdown()
+            self.request.sendall(b"%d" % os.getpid())
+
+    with no_leaks():
+        with serving(sockserve.ForkingTCPServer(LOOPBACK, ShutsDown)) as server:
+            pids = []
+            for _ in range(3):
+                with connect(server) as client:
+                    pids.append(int(read_to_eof(client)))
+            assert os.getpid() not in pids and len(set(pids)) == 3
+            # The parent still reaps children while it serves: its loop really turns.
+            assert wait_until(lambda: not server.active_children)
+            started = time.monotonic()
+            server.shutdown()
+            assert time.monotonic() - started < 1.0
