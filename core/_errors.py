@@ -8,6 +8,7 @@ inspect them without parsing the message.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "SockserveError",
@@ -134,6 +135,10 @@ class PathTooLongError(AddressError, OSError):
 class BindError(SockserveError, OSError):
     """Binding the server's socket failed; ``errno`` is the operating system's.
 
+    Made with ``from_os_error``, it is also an instance of the error bind() raised
+    (``PermissionError``, ``FileNotFoundError``, ``socket.gaierror``, ...), so that code
+    written for the standard module catches what it caught there.
+
     :ivar address: the address that could not be bound.
     """
 
@@ -143,6 +148,30 @@ class BindError(SockserveError, OSError):
 
     def __str__(self) -> str:
         return f"[Errno {self.errno}] {self.strerror}" if self.errno else str(self.strerror)
+
+    def __reduce__(self) -> Any:
+        cause = next(c for c in type(self).__mro__ if c.__module__ != "sockserve")
+        return (_make_bind_error, (cause, self.errno, self.strerror, self.address))
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, message: str, address: object) -> BindError:
+        """Report *exc* from bind() with *message*, keeping its type as a base class."""
+        return _make_bind_error(type(exc), exc.errno, message, address)
+
+
+#: BindError subclasses by the OSError subclass they also derive from.
+_BIND_ERRORS: dict[type[OSError], type[BindError]] = {OSError: BindError}
+
+
+def _make_bind_error(
+    cause: type[OSError], errno: int | None, message: str, address: object
+) -> BindError:
+    cls = _BIND_ERRORS.get(cause)
+    if cls is None:
+        cls = type("BindError", (BindError, cause), {"__module__": "sockserve"})
+        cls.__qualname__ = f"BindError[{cause.__name__}]"
+        cls = _BIND_ERRORS.setdefault(cause, cls)
+    return cls(errno, message, address)
 
 
 class OptionError(SockserveError, ValueError):

@@ -7,6 +7,7 @@ classes are cached: the same arguments give the same class object.
 
 from __future__ import annotations
 
+import socket
 import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -120,6 +121,19 @@ def _label(kind: str) -> str:
 
 def _is_own(dist_name: str | None) -> bool:
     return dist_name is not None and dist_name.lower().replace("_", "-") == DISTRIBUTION
+
+
+class _UncheckedFamily(AddressFamily):
+    """A ``socket.AF_*`` value no family plugin handles: addresses pass unchecked."""
+
+    expected = "an address for the socket module"
+
+    def __init__(self, address_family: int) -> None:
+        self.address_family = address_family  # type: ignore[misc]
+        try:
+            self.name = socket.AddressFamily(address_family).name  # type: ignore[misc]
+        except ValueError:
+            self.name = f"AF {address_family}"  # type: ignore[misc]
 
 
 class Registry:
@@ -336,7 +350,8 @@ class Registry:
     def family_for(self, address_family: int) -> AddressFamily:
         """Return the family plugin for a ``socket.AF_*`` value.
 
-        :raises UnknownPluginError: no installed family plugin handles it.
+        A value no installed family plugin handles gets a family that passes addresses
+        through unchecked, as the standard module does for any ``address_family``.
         """
         family = self._families_by_af.get(address_family)
         if family is not None:
@@ -350,9 +365,9 @@ class Registry:
                 self._families_by_af.setdefault(plugin.address_family, plugin)
             family = self._families_by_af.get(address_family)
         if family is None:
-            raise UnknownPluginError(
-                f"address family (AF {address_family})", str(address_family), self.names("family")
-            )
+            # The standard module binds whatever address_family a subclass sets (AF_TIPC,
+            # AF_VSOCK, ...): without a plugin, the address is used as given, unchecked.
+            family = _UncheckedFamily(address_family)
         return family
 
     # ------------------------------------------------------------------ composing

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import socket
 import socketserver
 
@@ -135,6 +136,36 @@ def test_busy_port_raises_bind_error_naming_the_address_and_closes_the_socket(tr
         f"cannot bind inet address {address!r}"
     )
     assert isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EADDRINUSE
+
+
+@pytest.mark.parametrize(
+    "name,address,expected",
+    [
+        ("TCPServer", ("no-such-host.invalid", 0), socket.gaierror),
+        pytest.param(
+            "UnixStreamServer", "/nonexistent-dir/x.sock", FileNotFoundError,
+            marks=requires_af_unix,
+        ),
+    ],
+)
+def test_bind_error_is_also_the_error_bind_raised_as_in_the_standard_module(
+    name, address, expected
+):
+    """``except socket.gaierror`` / ``except FileNotFoundError`` written for the standard
+    module still catch it, and it still names the address; it survives pickling."""
+    with pytest.raises(expected) as standard:
+        getattr(socketserver, name)(address, _Quiet)
+    assert type(standard.value) is expected
+    with no_leaks():
+        with pytest.raises(expected) as caught:
+            getattr(sockserve, name)(address, _Quiet)
+    exc = caught.value
+    assert isinstance(exc, sockserve.BindError)
+    assert exc.errno == standard.value.errno
+    assert exc.address == address
+    assert f"cannot bind {'unix' if name.startswith('Unix') else 'inet'} address {address!r}" in str(exc)
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy) is type(exc) and (copy.errno, copy.address) == (exc.errno, exc.address)
 
 
 @requires_ipv6

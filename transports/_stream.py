@@ -91,8 +91,8 @@ class TCPServer(BaseServer):
         except OSError as exc:
             if isinstance(exc, BindError):
                 raise
-            raise BindError(
-                exc.errno,
+            raise BindError.from_os_error(
+                exc,
                 f"{exc.strerror or exc}: cannot bind {family.name} address "
                 f"{self.server_address!r}",
                 self.server_address,

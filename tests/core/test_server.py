@@ -111,6 +111,47 @@ def test_unix_servers_have_af_unix_and_their_socket_type(mod, name, socket_type,
         assert server.server_address == str(tmp_path / "s.sock")
 
 
+def _bind_outcome(cls, address, handler):
+    """What constructing *cls* at *address* gives: the bound address's shape, or the error."""
+    try:
+        server = cls(address, handler)
+    except OSError as exc:
+        return ("error", type(exc), exc.errno)
+    with server:
+        return ("bound", server.socket.family, type(server.server_address), len(server.server_address))
+
+
+@pytest.mark.parametrize(
+    "family, address",
+    [
+        pytest.param(
+            "AF_VSOCK", (getattr(socket, "VMADDR_CID_ANY", 0), getattr(socket, "VMADDR_PORT_ANY", 0)),
+            marks=pytest.mark.skipif(not hasattr(socket, "AF_VSOCK"), reason="no AF_VSOCK"),
+        ),
+        pytest.param(
+            "AF_TIPC", (getattr(socket, "TIPC_ADDR_NAMESEQ", 0), 4711, 1, 1),
+            marks=pytest.mark.skipif(not hasattr(socket, "AF_TIPC"), reason="no AF_TIPC"),
+        ),
+    ],
+)
+def test_address_family_without_a_plugin_is_used_as_given_like_the_standard_module(family, address):
+    """A subclass may set any ``address_family``; with no family plugin for it, sockserve
+    binds the address unchecked, exactly as the standard module does (or fails as it does
+    where the kernel lacks the family)."""
+    import socketserver
+
+    outcomes = []
+    for module in (socketserver, sockserve):
+        cls = type("Server", (module.TCPServer,), {"address_family": getattr(socket, family)})
+        with no_leaks():
+            outcomes.append(_bind_outcome(cls, address, module.BaseRequestHandler))
+    standard, ours = outcomes
+    if standard[0] == "error":
+        assert ours[:1] == ("error",) and issubclass(ours[1], standard[1]) and ours[2] == standard[2]
+    else:
+        assert ours == standard
+
+
 @pytest.mark.parametrize("name", ["TCPServer", "UDPServer"])
 def test_server_address_is_the_bound_address_after_port_0(mod, name):
     with getattr(mod, name)(("127.0.0.1", 0), mod.BaseRequestHandler) as server:
