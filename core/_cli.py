@@ -8,10 +8,11 @@ import logging
 import signal
 import socket
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import PluginLoadError, SockserveError
+from ._errors import PluginClashWarning, PluginLoadError, SockserveError
 from ._hooks import block_plugins
 from ._options import with_options
 from ._registry import KINDS, registry
@@ -171,8 +172,11 @@ _KIND_TITLES = {
 
 def _plugins(out: Any = None) -> int:
     out = out or sys.stdout
-    for kind in KINDS:
-        registry.names(kind)  # discover first: clashes are found by discovery
+    with warnings.catch_warnings():
+        # Printed below with the listing: one message per clash, not a warning as well.
+        warnings.simplefilter("ignore", PluginClashWarning)
+        for kind in KINDS:
+            registry.names(kind)  # discover first: clashes are found by discovery
     for message in registry.clashes:
         print(f"warning: {message}", file=out)
     rows = []

@@ -7,7 +7,9 @@ classes are cached: the same arguments give the same class object.
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -123,6 +125,31 @@ def _is_own(dist_name: str | None) -> bool:
     return dist_name is not None and dist_name.lower().replace("_", "-") == DISTRIBUTION
 
 
+def _precedence(info: PluginInfo) -> tuple[bool, int, str]:
+    """Sort key of plugins registered under one name: the first one wins.
+
+    Ours first (from metadata, or the vendored fallback that has no distribution), then
+    the others in the order of ``sys.path`` (as imports resolve), then, within one
+    directory, by distribution name: importlib.metadata lists a directory in the order
+    the file system gives, which is no order at all.
+    """
+    ours = info.distribution is None or _is_own(info.distribution)
+    dist = getattr(info.entry_point, "dist", None)
+    return (not ours, _path_rank(dist), (info.distribution or "").lower())
+
+
+def _path_rank(dist: Any) -> int:
+    """The index in ``sys.path`` of the directory holding *dist*'s metadata."""
+    location = getattr(dist, "_path", None)  # PathDistribution: the .dist-info directory
+    if location is None:
+        return len(sys.path)
+    parent = os.path.realpath(os.path.dirname(os.fspath(location)))
+    for index, entry in enumerate(sys.path):
+        if os.path.realpath(entry or os.curdir) == parent:
+            return index
+    return len(sys.path)
+
+
 class _UncheckedFamily(AddressFamily):
     """A ``socket.AF_*`` value no family plugin handles: addresses pass unchecked."""
 
@@ -192,9 +219,7 @@ class Registry:
                         candidates.setdefault(name, []).insert(0, info)
                 chosen = {}
                 for name, found in candidates.items():
-                    # Ours first (from metadata, or the vendored fallback that has no
-                    # distribution), then the others in sys.path order (sort is stable).
-                    found.sort(key=lambda i: not (i.distribution is None or _is_own(i.distribution)))
+                    found.sort(key=_precedence)
                     distinct = {(i.distribution, i.value) for i in found}
                     if len(distinct) > 1:
                         winner = found[0]

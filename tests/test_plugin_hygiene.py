@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -427,6 +428,7 @@ def test_plugins_listing_marks_the_broken_ones_failed_and_lists_the_rest(broken_
         capture_output=True, text=True, timeout=RUN_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr
+    assert "PluginClashWarning" not in proc.stderr  # reported once, in the listing
     lines = proc.stdout.splitlines()
 
     def row(name: str, distribution: str, value: str) -> re.Pattern[str]:
@@ -485,3 +487,31 @@ def test_serve_plugin_no_name_silences_a_broken_autoloaded_plugin(broken_site, t
     assert "crashy" not in stderr
     assert "import crashy" not in log_lines(tmp_path)
     assert "good finished ThreadingTCPServer" in log_lines(tmp_path)
+
+
+def test_a_name_two_third_parties_register_goes_to_sys_path_order_then_distribution_name(tmp_path):
+    """Which one wins does not depend on the order the file system lists a directory in."""
+    early, late = tmp_path / "early", tmp_path / "late"
+    for name, where in [("zzz-late", late), ("mmm-late", late), ("aaa-late", late),
+                        ("zzz-early", early), ("mmm-early", early)]:
+        where.mkdir(exist_ok=True)
+        make_distribution(where, name, "1.0", {"sockserve.transports": {
+            "dup": f"{name.replace('-', '_')}:T",
+            f"dup-{where.name}": f"{name.replace('-', '_')}:T",
+        }})
+    script = (
+        "import json, warnings, sockserve\n"
+        "warnings.simplefilter('ignore')\n"
+        "r = sockserve.registry\n"
+        "print(json.dumps([r.info('transport', n).distribution for n in ('dup', 'dup-late')]"
+        " + [len(r.clashes)]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
+        env=clean_env(PYTHONPATH=os.pathsep.join([str(early), str(late)])),
+        capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # dup: the earlier directory wins, then the name; dup-late: all in one directory.
+    # Three clashes: dup, dup-early, dup-late.
+    assert json.loads(proc.stdout) == ["mmm-early", "aaa-late", 3]
