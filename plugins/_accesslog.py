@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Generator
 from typing import Any
 
 from ..core.hookspecs import hookimpl
@@ -20,10 +21,13 @@ class AccessLog:
     """Log ``client duration outcome`` for every request on logger ``sockserve.access``.
 
     The line is written where the request ran (its thread or child process), at INFO for a
-    request that succeeded and WARNING for one whose handler raised::
+    request that succeeded and WARNING for one whose handler raised; a request refused by
+    ``verify_request`` (the server's or a plugin's) gets an INFO line from the serving
+    thread, with no duration since no handler ran::
 
         127.0.0.1:53122 1.42ms ok
         127.0.0.1:53124 0.31ms error ValueError: bad request
+        127.0.0.1:53126 - denied
     """
 
     #: Listed by ``sockserve plugins`` but only registered when asked for by name.
@@ -34,6 +38,19 @@ class AccessLog:
         # Start times per thread: a request starts and finishes in the same thread (or
         # child process), and a thread runs one request at a time.
         self._local = threading.local()
+
+    @hookimpl(wrapper=True)
+    def sockserve_verify_request(
+        self, server: Any, request: Any, client_address: Any
+    ) -> Generator[None, Any, bool]:
+        # A wrapper sees every other plugin's verdict; when none decided, the server's own
+        # verify_request does (as it would without plugins), so every denial is logged.
+        verdict = yield
+        if verdict is None:
+            verdict = bool(server.verify_request(request, client_address))
+        if not verdict:
+            self.logger.info("%s - denied", _show_client(client_address))
+        return verdict
 
     @hookimpl
     def sockserve_request_start(self) -> None:

@@ -107,6 +107,36 @@ def test_one_line_per_request_with_client_duration_and_outcome(concurrency, capl
         assert serving_thread not in threads
 
 
+@pytest.mark.parametrize("denied_by", ["server", "plugin"])
+def test_a_denied_request_gets_one_denied_line_and_no_handler_line(denied_by, caplog):
+    """Refused by the server's verify_request or by another plugin: logged as denied."""
+    refuse = {"on": False}
+
+    class Refuser:
+        @sockserve.hookimpl
+        def sockserve_verify_request(self):
+            return False if refuse["on"] else None
+
+    class Server(Quiet, sockserve.compose("tcp", "threading", plugins=[ACCESS_LOG, Refuser()])):
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            return not (refuse["on"] and denied_by == "server")
+
+    caplog.set_level(logging.INFO, logger="sockserve.access")
+    with no_leaks():
+        with serving(Server(("127.0.0.1", 0), Handler)) as server:
+            allowed, reply = request(server.server_address, b"hello")
+            assert reply == b"HELLO"
+            refuse["on"] = True
+            with socket.create_connection(server.server_address, timeout=10) as client:
+                host, port = client.getsockname()
+                refused = f"{host}:{port}"
+                assert read_to_eof(client) == b""  # closed unhandled
+    messages = [r.getMessage() for r in caplog.records if r.name == "sockserve.access"]
+    assert len(messages) == 2, messages
+    assert LINE.match(messages[0])["client"] == allowed
+    assert messages[1] == f"{refused} - denied"
+
+
 @requires_af_unix
 def test_a_unix_client_without_an_address_is_shown_as_a_dash(caplog, tmp_path):
     cls = type("Server", (Quiet, sockserve.compose("unix", "threading", plugins=[ACCESS_LOG])), {})
