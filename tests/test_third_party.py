@@ -370,8 +370,40 @@ def seqpacket(concurrency, tmp):
     print(json.dumps(result))
 
 
+def cutoff(transport, tmp):
+    """requests_cut_off counts requests still running at the drain deadline, not workers."""
+    result = {}
+    for name, options, hold in [("stuck", {"workers": 2, "drain_timeout": 0.5}, True),
+                                ("idle", {"workers": 2, "block_on_close": False}, False)]:
+        cls = sockserve.compose(transport, "processpool", options=options)
+        server = cls(address_for(transport, tmp), PidEcho)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,))
+        thread.start()
+        held = None
+        try:
+            wait_until(lambda: len(server.pool_pids()) == 2, "the pool")
+            done = Held(server)
+            done.sock.sendall(b"done\n")
+            result[name + "_served"] = done.reply()[1]
+            if hold:
+                held = Held(server)
+                held.handler_pid()  # a worker runs it, blocked reading the line
+        finally:
+            server.shutdown()
+            thread.join(TIMEOUT)
+            started = time.monotonic()
+            server.server_close()
+            result[name + "_close_seconds"] = time.monotonic() - started
+        result[name + "_cut_off"] = server.requests_cut_off
+        if held is not None:
+            result[name + "_held_got"] = held.sock.recv(64).decode()  # EOF: its worker is gone
+            held.sock.close()
+        result[name + "_children_after_close"] = children_of(os.getpid())
+    print(json.dumps(result))
+
+
 if __name__ == "__main__":
-    {"pool": pool, "seqpacket": seqpacket}[sys.argv[1]](*sys.argv[2:])
+    {"pool": pool, "seqpacket": seqpacket, "cutoff": cutoff}[sys.argv[1]](*sys.argv[2:])
 '''
 
 
@@ -457,6 +489,23 @@ def test_processpool_spreads_clients_over_workers_replaces_a_killed_one_and_reap
     assert result["children_after_close"] == []
     assert not result["serving_thread_alive"]
     assert not [pid for pid in {*pool, *new_pool} if is_running(pid)]
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_processpool_counts_requests_cut_off_at_the_drain_deadline_not_workers(
+    venv, transport, tmp_path
+):
+    result, stderr = venv.scenario("cutoff", transport, str(tmp_path), cwd=tmp_path)
+    for name in ("stuck", "idle"):
+        assert result[f"{name}_served"] == "DONE\n"
+        assert result[f"{name}_children_after_close"] == []
+    # Two workers, one request blocked in its handler: one request cut off, after ~0.5 s.
+    assert result["stuck_cut_off"] == 1
+    assert 0.4 < result["stuck_close_seconds"] < 0.5 + 1.0 + 2.0  # deadline + SIGTERM grace
+    assert result["stuck_held_got"] == ""
+    # No request in flight: closing without block_on_close cuts nothing off.
+    assert result["idle_cut_off"] == 0
     assert "Traceback" not in stderr
 
 

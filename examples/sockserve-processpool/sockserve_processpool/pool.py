@@ -8,8 +8,9 @@ done, which is how the parent knows how busy each worker is.
 
 Supervision happens on the serving thread: ``service_actions`` reaps a worker that died
 and forks a replacement; a dispatch to a dead worker is retried on another one.
-``server_close()`` closes the channels (workers finish what they were sent, then exit)
-and reaps every worker, within ``drain_timeout`` if set, then SIGTERM and SIGKILL.
+``server_close()`` shuts the channels down for writing (workers finish what they were
+sent, report it, then exit) and reaps every worker, within ``drain_timeout`` if set, then
+SIGTERM and SIGKILL; requests sent and not reported done count in ``requests_cut_off``.
 A worker whose parent dies sees its channel close and exits.
 """
 
@@ -87,7 +88,7 @@ class ProcessPoolMixIn:
         """Return the process ids of the current workers."""
         return [w.pid for w in self._pool or ()]
 
-    def _spawn(self, slot: int) -> _Worker:
+    def _spawn(self, slot: int, dispatching: Any = None) -> _Worker:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # the worker: never returns
@@ -96,6 +97,8 @@ class ProcessPoolMixIn:
                 parent_end.close()
                 for other in self._pool or ():
                     other.channel.close()  # inherited ends of the other workers' channels
+                if dispatching is not None:
+                    dispatching.close()  # forked mid-dispatch: the connection is not ours
                 status = self._worker_main(slot, child_end)
             except BaseException:
                 log.exception("worker %d (pid %d) failed", slot, os.getpid())
@@ -118,7 +121,7 @@ class ProcessPoolMixIn:
             try:
                 socket.send_fds(worker.channel, [message], [request.fileno()])
             except OSError:
-                self._replace(worker, "its channel failed")
+                self._replace(worker, "its channel failed", dispatching=request)
                 continue
             worker.inflight += 1
             break
@@ -126,8 +129,10 @@ class ProcessPoolMixIn:
             raise RuntimeError("no worker process could take the request")
         self.close_request(request)  # type: ignore[attr-defined]
 
-    def _collect_done(self) -> None:
-        for worker in self._pool or ():
+    def _collect_done(self, workers: list[_Worker] | None = None) -> None:
+        if workers is None:
+            workers = self._pool or []
+        for worker in workers:
             while True:
                 try:
                     done = worker.channel.recv(64, socket.MSG_DONTWAIT)
@@ -155,7 +160,9 @@ class ProcessPoolMixIn:
             if pid:
                 self._replace(worker, f"it exited with status {os.waitstatus_to_exitcode(status)}", reaped=True)
 
-    def _replace(self, worker: _Worker, why: str, reaped: bool = False) -> None:
+    def _replace(
+        self, worker: _Worker, why: str, reaped: bool = False, dispatching: Any = None
+    ) -> None:
         log.warning("worker %d (pid %d) is replaced: %s", worker.slot, worker.pid, why)
         worker.channel.close()
         if not reaped:
@@ -165,7 +172,7 @@ class ProcessPoolMixIn:
             except (ProcessLookupError, ChildProcessError):
                 pass
         index = self._pool.index(worker)
-        self._pool[index] = self._spawn(worker.slot)
+        self._pool[index] = self._spawn(worker.slot, dispatching)
 
     def server_close(self) -> None:
         """Close the server, then stop and reap every worker."""
@@ -175,7 +182,17 @@ class ProcessPoolMixIn:
             return
         self._pool_closing = True
         for worker in pool:
-            worker.channel.close()  # EOF: the worker finishes what it has and exits
+            try:  # EOF: the worker finishes what it has and exits
+                worker.channel.shutdown(socket.SHUT_WR)  # its "done" bytes still come back
+            except OSError:
+                pass
+        try:
+            self._stop_workers(pool)
+        finally:
+            for worker in pool:
+                worker.channel.close()
+
+    def _stop_workers(self, pool: list[_Worker]) -> None:
         if self.block_on_close:
             drain = self.drain_timeout  # type: ignore[attr-defined]
             deadline = None if drain is None else time.monotonic() + drain
@@ -183,7 +200,9 @@ class ProcessPoolMixIn:
         else:
             pending = pool
         if pending:
-            self.requests_cut_off += len(pending)  # type: ignore[attr-defined]
+            self._collect_done(pending)
+            # Requests still running (sent and not reported done) are cut off, not workers.
+            self.requests_cut_off += sum(max(0, w.inflight) for w in pending)  # type: ignore[attr-defined]
             for sig, wait in ((signal.SIGTERM, TERMINATE_GRACE), (signal.SIGKILL, None)):
                 for worker in pending:
                     try:
