@@ -251,6 +251,7 @@ class PreforkMixIn:
             if children:
                 time.sleep(REAP_INTERVAL)
         if children:
+            # Workers, not requests: the parent does not see what a worker is running.
             self.requests_cut_off += len(children)  # type: ignore[attr-defined]
             log.warning("%d worker(s) still running at the stop deadline; killing them", len(children))
             for pid in list(children):
