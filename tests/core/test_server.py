@@ -821,3 +821,47 @@ def test_udp_shutdown_request_calls_close_request_and_keeps_the_server_socket(mo
         ("shutdown_request", b"two"),
         ("close_request", b"two"),
     ]
+
+
+@pytest.mark.parametrize("listening_timeout", [None, 5.0])
+def test_accepted_socket_is_a_blocking_socket_of_the_listening_family_and_type(mod, listening_timeout):
+    """What get_request returns, as socket.accept() makes it: same family and type, and
+    blocking even when the listening socket has a timeout."""
+    seen = {}
+
+    class Inspect(mod.BaseRequestHandler):
+        def handle(self):
+            sock = self.request
+            seen.update(cls=type(sock), family=sock.family, type=sock.type, timeout=sock.gettimeout())
+            self.request.sendall(b"ok")
+
+    with mod.TCPServer(("127.0.0.1", 0), Inspect) as server:
+        server.socket.settimeout(listening_timeout)
+        with tcp_client(server) as client:
+            server.handle_request()
+            assert read_to_eof(client) == b"ok"
+    assert seen == {"cls": socket.socket, "family": socket.AF_INET,
+                    "type": socket.SOCK_STREAM, "timeout": None}
+
+
+def test_a_listening_socket_of_another_class_accepts_through_its_own_accept(mod):
+    """A wrapped listening socket (ssl.SSLSocket, say) keeps the accept() it overrides."""
+
+    class Recording(socket.socket):
+        accepted = 0
+
+        def accept(self):
+            Recording.accepted += 1
+            return super().accept()
+
+    class Reply(mod.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(b"ok")
+
+    with mod.TCPServer(("127.0.0.1", 0), Reply) as server:
+        plain = server.socket
+        server.socket = Recording(plain.family, plain.type, plain.proto, fileno=plain.detach())
+        with tcp_client(server) as client:
+            server.handle_request()
+            assert read_to_eof(client) == b"ok"
+    assert Recording.accepted == 1
