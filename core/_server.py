@@ -402,7 +402,17 @@ class BaseServer:
         # Remembered so that a drain deadline can cut off a request that overstays.
         self._sockserve_current = request
         try:
-            self.run_request(request, client_address)
+            hooks = self._sockserve_hooks
+            if hooks.request_start is not None or hooks.request_finish is not None:
+                self.run_request(request, client_address)
+                return
+            # run_request's no-hook path, except that a BaseException leaves the request
+            # for _handle_request_noblock to shut down, once, as the standard module does.
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self._sockserve_handle_error(request, client_address)
+            self.shutdown_request(request)
         finally:
             self._sockserve_current = None
 

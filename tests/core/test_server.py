@@ -865,3 +865,37 @@ def test_a_listening_socket_of_another_class_accepts_through_its_own_accept(mod)
             server.handle_request()
             assert read_to_eof(client) == b"ok"
     assert Recording.accepted == 1
+
+
+@pytest.mark.parametrize("exc_type", [ValueError, KeyboardInterrupt])
+def test_a_failing_sync_request_is_shut_down_exactly_once(mod, exc_type):
+    """An Exception goes to handle_error and the server goes on; a BaseException leaves
+    handle_request. Either way shutdown_request runs once for the request."""
+    calls = []
+
+    class Fails(mod.BaseRequestHandler):
+        def handle(self):
+            raise exc_type("from the handler")
+
+    class Server(mod.TCPServer):
+        def shutdown_request(self, request):
+            calls.append(request)
+            super().shutdown_request(request)
+
+        def handle_error(self, request, client_address):
+            calls.append("handle_error")
+
+    with Server(("127.0.0.1", 0), Fails) as server:
+        with tcp_client(server) as client:
+            if exc_type is KeyboardInterrupt:
+                with pytest.raises(KeyboardInterrupt):
+                    server.handle_request()
+            else:
+                server.handle_request()
+            assert read_to_eof(client) == b""
+    shut_down = [call for call in calls if call != "handle_error"]
+    assert len(shut_down) == 1
+    if exc_type is ValueError:
+        assert calls[0] == "handle_error"  # reported first, then shut down
+    else:
+        assert "handle_error" not in calls  # only Exceptions are handled
