@@ -925,6 +925,10 @@ def exploding_plugin(hook: str) -> Plugin:
         "sockserve_request_start": lambda server, request, client_address: boom(),
         "sockserve_request_finish": lambda server, request, client_address, exc: boom(),
         "sockserve_server_close": lambda server: boom(),
+        "sockserve_handle_error": lambda server, request, client_address, exc: boom(),
+        "sockserve_pre_fork": lambda server, worker_id: boom(),
+        "sockserve_post_fork": lambda server, worker_id: boom(),
+        "sockserve_worker_exit": lambda server, worker_id, status: boom(),
     }
     return Plugin(**{hook: sockserve.hookimpl(signatures[hook])})
 
@@ -976,6 +980,63 @@ def test_a_raising_hook_goes_to_handle_error_and_the_server_keeps_serving(hook, 
     finally:
         manager.unregister(name=name)
     assert_hook_errors(list(server.errors), hook, name)
+
+
+@pytest.mark.parametrize("concurrency", ["sync", "threading"])
+def test_a_raising_handle_error_hook_is_reported_and_the_error_still_handled(concurrency):
+    """The handler's error still reaches handle_error after the hook meant for it raised."""
+    name = "exploding-sockserve_handle_error"
+    manager = sockserve.get_plugin_manager()
+    manager.register(exploding_plugin("sockserve_handle_error"), name=name)
+
+    class FailsOnce(sockserve.StreamRequestHandler):
+        def handle(self):
+            line = self.rfile.readline()
+            if line.startswith(b"fail"):
+                raise LookupError("from the handler")
+            self.wfile.write(line.upper())
+
+    try:
+        cls = type("Server", (ErrorRecorder, sockserve.compose("tcp", concurrency)), {})
+        with no_leaks():
+            server = cls(LOOPBACK, FailsOnce)
+            server.errors = []
+            with serving(server):
+                assert exchange(server, b"fail\n") == b""
+                assert exchange(server, b"after\n") == b"AFTER\n"
+                assert wait_until(lambda: len(server.errors) >= 2)
+    finally:
+        manager.unregister(name=name)
+    hook_errors = [e for e in server.errors if isinstance(e, sockserve.HookError)]
+    assert_hook_errors(hook_errors, "sockserve_handle_error", name)
+    assert [type(e) for e in server.errors if not isinstance(e, sockserve.HookError)] == [LookupError]
+
+
+@requires_fork
+@pytest.mark.parametrize(
+    "hook", ["sockserve_pre_fork", "sockserve_post_fork", "sockserve_worker_exit"]
+)
+def test_a_raising_prefork_hook_neither_stops_the_workers_nor_the_parent(hook):
+    """pre_fork and worker_exit raise in the parent (reported there), post_fork in the
+    worker (reported in the worker); the workers serve and stop as usual."""
+    name = f"exploding-{hook}"
+    manager = sockserve.get_plugin_manager()
+    manager.register(exploding_plugin(hook), name=name)
+    try:
+        cls = type("Server", (ErrorRecorder, sockserve.compose("tcp", "prefork")), {})
+        with no_leaks():
+            server = cls(LOOPBACK, EchoUpper)
+            server.errors = []
+            server.workers = 1
+            with serving(server):
+                for i in range(3):
+                    assert exchange(server, b"req %d" % i) == b"REQ %d" % i
+    finally:
+        manager.unregister(name=name)
+    if hook == "sockserve_post_fork":
+        assert server.errors == []  # raised and reported in the worker process
+    else:
+        assert_hook_errors(list(server.errors), hook, name)
 
 
 @pytest.mark.parametrize(
