@@ -385,6 +385,8 @@ def cutoff(transport, tmp):
             done = Held(server)
             done.sock.sendall(b"done\n")
             result[name + "_served"] = done.reply()[1]
+            # The client sees its reply before the worker reports the request done.
+            wait_until(lambda: sum(server.worker_requests.values()) == 1, "the done report")
             if hold:
                 held = Held(server)
                 held.handler_pid()  # a worker runs it, blocked reading the line
