@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from ..core._errors import BindError
+from ..core._errors import AddressError, BindError
 from ..core._hooks import call_hook
 from ..core._options import count, flag
 from ..core._plugin_types import SocketType
@@ -66,12 +66,23 @@ class TCPServer(BaseServer):
         self, server_address: Any, RequestHandlerClass: Any, bind_and_activate: bool = True
     ) -> None:
         family = registry.family_for(self.address_family)
-        server_address = family.check_address(server_address)
-        address_family = family.socket_family(server_address)
-        if address_family != self.address_family:
-            self.address_family = address_family
+        try:
+            server_address = family.check_address(server_address)
+        except AddressError:
+            if bind_and_activate:
+                raise
+            # Not binding now, the standard module does not look at the address: the
+            # caller may set server_address or hand over a socket before binding (systemd
+            # socket activation, say). server_bind() checks it then.
+            checked = False
+        else:
+            checked = True
+            address_family = family.socket_family(server_address)
+            if address_family != self.address_family:
+                self.address_family = address_family
         BaseServer.__init__(self, server_address, RequestHandlerClass)
         self._sockserve_family = family
+        self._sockserve_address_checked = checked
         self._sockserve_closed = False
         self.socket = socket.socket(self.address_family, self.socket_type)
         if bind_and_activate:
@@ -89,6 +100,9 @@ class TCPServer(BaseServer):
         if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         family = self._sockserve_family
+        if not self._sockserve_address_checked:
+            self.server_address = family.check_address(self.server_address)
+            self._sockserve_address_checked = True
         family.before_bind(self)
         try:
             self.socket.bind(self.server_address)

@@ -899,3 +899,53 @@ def test_a_failing_sync_request_is_shut_down_exactly_once(mod, exc_type):
         assert calls[0] == "handle_error"  # reported first, then shut down
     else:
         assert "handle_error" not in calls  # only Exceptions are handled
+
+
+@pytest.mark.parametrize("name", ["TCPServer", "ThreadingTCPServer", "UDPServer"])
+def test_an_unbound_server_takes_a_socket_handed_over_later_like_socket_activation(mod, name):
+    """``bind_and_activate=False`` with no address yet, then a socket that is already bound
+    (and listening): the systemd socket-activation pattern the standard module allows."""
+    cls = getattr(mod, name)
+    stream = cls.socket_type == socket.SOCK_STREAM
+
+    class Echo(mod.BaseRequestHandler):
+        def handle(self):
+            if stream:
+                self.request.sendall(self.request.recv(64).upper())
+            else:
+                data, sock = self.request
+                sock.sendto(data.upper(), self.client_address)
+
+    handed = socket.socket(socket.AF_INET, cls.socket_type)
+    handed.bind(("127.0.0.1", 0))
+    if stream:
+        handed.listen()
+    with no_leaks():
+        server = cls(None, Echo, bind_and_activate=False)
+        try:
+            server.socket.close()
+            server.socket = handed
+            server.server_address = handed.getsockname()
+            thread = start_serving(server)
+            with socket.socket(socket.AF_INET, cls.socket_type) as client:
+                client.settimeout(5)
+                client.connect(server.server_address)
+                client.sendall(b"activated")
+                assert client.recv(64) == b"ACTIVATED"
+        finally:
+            server.shutdown()
+            thread.join(5)
+            server.server_close()
+    assert handed.fileno() == -1  # server_close closed the socket it was handed
+
+
+def test_an_unbound_server_checks_its_address_when_it_binds():
+    server = sockserve.TCPServer(None, sockserve.BaseRequestHandler, bind_and_activate=False)
+    try:
+        with pytest.raises(sockserve.AddressError, match="expected"):
+            server.server_bind()
+        server.server_address = ("127.0.0.1", 0)
+        server.server_bind()
+        assert server.server_address[1] != 0
+    finally:
+        server.server_close()
