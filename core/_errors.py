@@ -150,7 +150,9 @@ class BindError(SockserveError, OSError):
         return f"[Errno {self.errno}] {self.strerror}" if self.errno else str(self.strerror)
 
     def __reduce__(self) -> Any:
-        cause = next(c for c in type(self).__mro__ if c.__module__ != "sockserve")
+        cause = next(
+            c for c in type(self).__mro__ if issubclass(c, OSError) and not issubclass(c, SockserveError)
+        )
         return (_make_bind_error, (cause, self.errno, self.strerror, self.address))
 
     @classmethod
