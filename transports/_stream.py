@@ -61,6 +61,7 @@ class TCPServer(BaseServer):
     #: leaves the system default.
     ipv6_only: bool | None = None
     _sockserve_accept_args: tuple[Any, int, int, int] | None = None
+    _sockserve_address_checked = True
 
     def __init__(
         self, server_address: Any, RequestHandlerClass: Any, bind_and_activate: bool = True
