@@ -43,7 +43,6 @@ class ThreadPool:
 
     def __init__(self, server: Any, size: int, backlog: int, daemon: bool = False) -> None:
         self._server = server
-        self._size = size
         # Items: (request, client_address, holds_a_token), or _STOP.
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # One True per free place; interrupt() adds a False to wake the serving thread.
