@@ -1,4 +1,22 @@
-"""Built-in concurrency strategies (sync, threading, forking), loaded through the
-``sockserve.concurrency`` entry points; this package imports nothing by itself."""
+"""Built-in concurrency strategies (sync, threading, forking, threadpool, prefork), loaded
+through the ``sockserve.concurrency`` entry points, and the drain helpers every strategy's
+``server_close`` is made of (public: a third-party strategy gets a correct drain from them).
+Importing this package loads no strategy."""
 
-__all__: list[str] = []
+from ._drain import (
+    CUT_OFF_GRACE,
+    TERMINATE_GRACE,
+    drain_deadline,
+    reap,
+    stop_processes,
+    wait_threads,
+)
+
+__all__ = [
+    "CUT_OFF_GRACE",
+    "TERMINATE_GRACE",
+    "drain_deadline",
+    "reap",
+    "stop_processes",
+    "wait_threads",
+]

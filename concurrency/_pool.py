@@ -1,16 +1,16 @@
-"""A bounded pool of request threads, shared by the ``threadpool`` and ``prefork`` strategies.
+"""A bounded pool of request threads, for the ``threadpool`` strategy (and prefork's workers).
 
 The serving thread submits accepted requests; a fixed set of worker threads runs them.
-At most ``size`` requests run at once and at most ``backlog`` more wait in the queue;
-beyond that the serving thread waits before it accepts, so the kernel's listen backlog
-holds the rest instead of memory growing without bound.
+At most ``size`` requests run at once and at most ``backlog`` more wait in the queue.
+When the pool is full the server pauses accepting (``pause_accepting``) and a worker
+that frees a place resumes it, so the kernel's listen backlog holds the rest instead of
+memory growing without bound, and the serving thread never blocks: shutdown, wake-ups
+and ``service_actions`` go on while the pool is full.
 
 The hand-off goes through two ``queue.SimpleQueue`` objects (implemented in C): one of
 requests, and one of free places ("room"), filled with ``size + backlog`` tokens. The
-serving thread takes a token before it accepts and a worker gives it back when its
-request is done: four C calls per request. The ``threading.Condition`` version this
-replaced took the pool lock about five times per request and allocated a lock per wait;
-benchmarks/THROUGHPUT.md has the profile and the measured difference.
+serving thread takes a token with each request and a worker gives it back when the
+request is done: a few C calls per request (benchmarks/THROUGHPUT.md has the profile).
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from typing import Any
+
+from ..core._contract import Server
+from ._drain import wait_threads
 
 __all__ = ["ThreadPool"]
 
 log = logging.getLogger("sockserve")
-
-#: Seconds a worker gets to return after its connection was cut off at the drain deadline.
-CUT_OFF_GRACE = 1.0
 
 #: In the request queue: the worker that gets it stops.
 _STOP = None
@@ -41,20 +40,15 @@ class ThreadPool:
     :param daemon: make the worker threads daemon threads.
     """
 
-    def __init__(self, server: Any, size: int, backlog: int, daemon: bool = False) -> None:
+    def __init__(self, server: Server, size: int, backlog: int, daemon: bool = False) -> None:
         self._server = server
         # Items: (request, client_address, holds_a_token), or _STOP.
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        # One True per free place; interrupt() adds a False to wake the serving thread.
         self._room: queue.SimpleQueue[bool] = queue.SimpleQueue()
         for _ in range(size + backlog):
             self._room.put(True)
-        self._reserved = False  # the serving thread holds a token for its next request
-        self._dropping = False  # close(): shut queued requests down instead of running them
-        self._dropped = 0
-        self._dropped_lock = threading.Lock()
-        #: The request each worker is running (None when idle), for cut-off at a deadline.
-        self.running: dict[threading.Thread, Any] = {}
+        self._paused = False  # the pool paused accepting; the next free place resumes it
+        self._dropping = False  # close(): deny queued requests instead of running them
         self._threads = [
             threading.Thread(target=self._work, name=f"sockserve-pool-{i}", daemon=daemon)
             for i in range(size)
@@ -62,78 +56,53 @@ class ThreadPool:
         for thread in self._threads:
             thread.start()
 
-    def _take_room(self) -> bool:
-        """Take a free place, waiting for one; False once the server's shutdown is asked for.
-
-        A False token (from ``interrupt()``) only wakes the wait: without a shutdown
-        request (a stale one, from a shutdown that found the loop elsewhere) it is dropped.
-        """
-        server = self._server
-        get = self._room.get
-        while not server._sockserve_shutdown_request:
-            if get():
-                return True
-        return False
-
-    def wait_for_room(self) -> bool:
-        """Wait until another request fits in the pool; False once shutdown is asked for.
-
-        The serving thread calls this before it accepts, so that a full pool leaves new
-        connections in the kernel's listen backlog instead of accepting and holding them.
-        The place is kept for the next ``submit`` (also when the accept then fails).
-        """
-        if not self._reserved:
-            self._reserved = self._take_room()
-        return self._reserved
-
     def submit(self, request: Any, client_address: Any) -> None:
-        """Queue a request in the place ``wait_for_room`` kept (else wait for one).
+        """Queue a request (serving thread); pause accepting when that filled the pool.
 
-        Once the server's shutdown has been asked for, the request is queued over the
-        limit instead, so that a shutdown is not held up by a full pool and nothing
-        accepted is lost.
+        Never blocks. A request that arrives with the pool full (accepted before the
+        pause took effect) is queued over the limit: nothing accepted is lost.
         """
-        token = self._reserved or self._take_room()
-        self._reserved = False
+        room = self._room
+        try:
+            token = room.get_nowait()
+        except queue.Empty:
+            token = False
         self._requests.put((request, client_address, token))
-
-    def interrupt(self) -> None:
-        """Wake the serving thread waiting for room (``shutdown()`` has set its flag)."""
-        # Only the serving thread takes tokens: if any is left, its wait ends anyway.
-        if self._room.empty():
-            self._room.put(False)
+        if room.empty():
+            server = self._server
+            self._paused = True
+            server.pause_accepting()
+            if not room.empty():  # a worker gave a place back meanwhile
+                self._paused = False
+                server.resume_accepting()
 
     def _work(self) -> None:
         me = threading.current_thread()
         get = self._requests.get
-        run = self._server.run_request
+        server = self._server
+        run = server.run_request
         give_back = self._room.put
-        running = self.running
         while True:
             item = get()
             if item is _STOP:
                 return
             request, client_address, token = item
             if self._dropping:
-                self._drop(request)
+                server.deny_request(request, client_address, "closing")
             else:
-                running[me] = request
                 try:
                     run(request, client_address)
                 except BaseException:  # run_request handled Exceptions; keep the worker alive
                     log.exception("request thread %s: unexpected error", me.name)
-                finally:
-                    running[me] = None
             if token:
                 give_back(True)
-
-    def _drop(self, request: Any) -> None:
-        self._server.shutdown_request(request)
-        with self._dropped_lock:
-            self._dropped += 1
+                if self._paused:
+                    self._paused = False
+                    server.resume_accepting()
 
     def _drop_queued(self) -> None:
-        """Shut down every request still queued; stop signals already queued stay queued."""
+        """Deny every request still queued; stop signals already queued stay queued."""
+        self._dropping = True
         stops = 0
         while True:
             try:
@@ -143,37 +112,25 @@ class ThreadPool:
             if item is _STOP:
                 stops += 1
             else:
-                self._drop(item[0])
+                self._server.deny_request(item[0], item[1], "closing")
         for _ in range(stops):
             self._requests.put(_STOP)
 
-    def close(self, wait: bool, deadline: float | None) -> int:
+    def close(self, wait: bool, deadline: float | None) -> None:
         """Stop the workers; with *wait*, let queued and running requests finish first.
 
-        Without *wait*, requests still queued are shut down unhandled. With *deadline*
-        (a monotonic time), requests still running then have their connections cut off.
-
-        :returns: the number of queued requests dropped unhandled (requests cut off while
-            running are counted by the server's ``requests_cut_off``).
+        Without *wait*, requests still queued are denied unrun (``closing``). With
+        *deadline* (a monotonic time), requests not started by then are denied and those
+        still running have their connections cut off (``requests_cut_off``).
         """
         if not wait:
-            self._dropping = True
             self._drop_queued()
         for _ in self._threads:
             self._requests.put(_STOP)  # after the queued requests: those run first
         if not wait:
-            return self._dropped
-        for thread in self._threads:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            thread.join(remaining)
-        late = [t for t in self._threads if t.is_alive()]
-        if not late:
-            return self._dropped
-        self._dropping = True  # not started by the deadline: drop them
-        self._drop_queued()
-        running = [r for t in late if (r := self.running.get(t)) is not None]
-        self._server._sockserve_cut_off(running)
-        grace_end = time.monotonic() + CUT_OFF_GRACE
-        for thread in late:
-            thread.join(max(0.0, grace_end - time.monotonic()))
-        return self._dropped
+            return
+        # Requests not started by the deadline are denied before the running ones are
+        # cut off.
+        late = wait_threads(self._server, self._threads, deadline, before_cut_off=self._drop_queued)
+        if late:
+            log.error("%s: %d pool thread(s) did not stop", type(self._server).__name__, late)

@@ -23,6 +23,7 @@ __all__ = [
     "HookError",
     "OptionError",
     "DatagramTruncatedError",
+    "LayerError",
 ]
 
 
@@ -227,3 +228,30 @@ class DatagramTruncatedError(SockserveError, OSError):
             f"datagram from {client_address!r} is larger than max_packet_size="
             f"{max_packet_size}; dropped instead of delivering it truncated"
         )
+
+
+class LayerError(SockserveError, ConnectionError):
+    """A per-connection layer refused a connection (DESIGN.md section 6).
+
+    Raised by a layer's ``prepare_request``: a timeout, a bad PROXY header, a failed TLS
+    handshake. The server logs it in one line (no traceback), counts it by *reason* in
+    ``requests_denied``, fires ``sockserve_request_denied`` and closes the connection.
+
+    :ivar reason: a short, stable word for counters and logs (``"timeout"``,
+        ``"bad-header"``, ``"handshake"``).
+    :ivar peer: the address the connection came from, when the layer knows it.
+    :ivar request: the connection as far as the layer got (a wrapped socket), to be shut
+        down instead of the raw one; None for the raw one.
+    """
+
+    def __init__(
+        self, reason: str, peer: Any = None, detail: str = "", *, request: Any = None
+    ) -> None:
+        self.reason = reason
+        self.peer = peer
+        self.detail = detail
+        self.request = request
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+    def __str__(self) -> str:  # OSError would format (errno, strerror) pairs
+        return str(self.args[0])

@@ -1,16 +1,19 @@
 """BaseServer: the request lifecycle shared by every transport and concurrency strategy.
 
 What belongs here: the serve loop, shutdown, the request path (get -> verify -> process ->
-finish -> shut down) and error handling, as the standard ``socketserver`` documents them,
-plus the places where lifecycle hooks fire. Sockets, addresses and families live in
-``transports/``; threads and processes in ``concurrency/``.
+prepare -> finish -> shut down) and error handling, as the standard ``socketserver``
+documents them, the places where lifecycle hooks fire, and the strategy contract
+(DESIGN.md section 7: ``shutdown_requested``, ``pause_accepting``, ``in_flight``,
+``cut_off``, ``after_fork``, ``call_hook``, ...) that concurrency strategies and layers are
+written against. The per-process serving state lives in ``_state.py``; sockets, addresses
+and families in ``transports/``; threads and processes in ``concurrency/``.
 """
 
 from __future__ import annotations
 
-import errno
+import collections
+import functools
 import logging
-import math
 import select
 import selectors
 import socket
@@ -18,63 +21,31 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
 
-from ._errors import DatagramTruncatedError
+from ._errors import DatagramTruncatedError, LayerError
 from ._hooks import HookRelay, call_hook, relay_for
 from ._options import seconds
+from ._state import (
+    ACCEPT_BACKOFF_MAX,
+    ACCEPT_BACKOFF_MIN,
+    READ,
+    RESOURCE_ERRNOS,
+    Poller,
+    ServingState,
+    poll_timeout,
+)
 
-__all__ = ["BaseServer"]
+__all__ = ["BaseServer", "POLL_INTERVAL", "LISTEN_BACKLOG"]
 
 log = logging.getLogger("sockserve")
 
 #: serve_forever's documented default: how often the loop turns (service_actions) when idle.
 #: Shutdown does not wait for it; a wake-up socket interrupts the wait at once.
 POLL_INTERVAL = 0.5
-
-#: accept() errors that mean "out of descriptors or memory right now". Retrying at once
-#: spins at 100% CPU (the listening socket stays readable), so the loop backs off instead.
-RESOURCE_ERRNOS = frozenset(
-    e for e in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM) if e is not None
-)
-#: First and longest pause after a resource error on accept: short enough that service
-#: resumes quickly once a descriptor frees up, long enough to take the loop off the CPU.
-ACCEPT_BACKOFF_MIN = 0.005
-ACCEPT_BACKOFF_MAX = 0.5
-
-# poll() has no descriptor limit; select() is the fallback, as in the standard module.
-if hasattr(selectors, "PollSelector"):
-    _ServerSelector: type[selectors.BaseSelector] = selectors.PollSelector
-else:  # pragma: no cover - Windows
-    _ServerSelector = selectors.SelectSelector
-
-if hasattr(select, "poll"):
-    _Poller = select.poll
-    _READ = select.POLLIN
-
-    def _poll_timeout(seconds: float | None) -> int | None:
-        """poll() takes milliseconds; round up so that a short interval never becomes 0."""
-        return None if seconds is None else max(0, math.ceil(seconds * 1000))
-
-else:  # pragma: no cover - Windows: the same interface over a selector
-
-    class _Poller:  # type: ignore[no-redef]
-        def __init__(self) -> None:
-            self._selector = selectors.SelectSelector()
-
-        def register(self, fileobj: Any, events: int) -> None:
-            self._selector.register(fileobj, selectors.EVENT_READ)
-
-        def poll(self, timeout: float | None) -> list[Any]:
-            return self._selector.select(timeout)
-
-    _READ = selectors.EVENT_READ
-
-    def _poll_timeout(seconds: float | None) -> float | None:
-        return seconds
-
 
 #: The listen() backlog of sockserve's own strategies (threadpool, prefork) and of
 #: ``sockserve serve``: the most the system allows (the kernel caps it at
@@ -83,6 +54,12 @@ else:  # pragma: no cover - Windows: the same interface over a selector
 #: (benchmarks/THROUGHPUT.md).
 LISTEN_BACKLOG = socket.SOMAXCONN
 
+# poll() has no descriptor limit; select() is the fallback, as in the standard module.
+if hasattr(selectors, "PollSelector"):
+    _ServerSelector: type[selectors.BaseSelector] = selectors.PollSelector
+else:  # pragma: no cover - Windows
+    _ServerSelector = selectors.SelectSelector
+
 
 @attrs.define
 class ServerOptions:
@@ -90,6 +67,43 @@ class ServerOptions:
 
     timeout: float | None = seconds()
     drain_timeout: float | None = seconds()
+
+
+def _closing(close: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Wrap a class's ``server_close`` so that the close hooks fire around the outermost one.
+
+    ``sockserve_server_close`` fires when the outermost ``server_close`` starts and
+    ``sockserve_server_closed`` after it returned (after every mixin's drain), once per
+    server and only in the process that created it.
+    """
+
+    @functools.wraps(close)
+    def server_close(self: BaseServer) -> None:
+        state: ServingState | None = self.__dict__.get("_sockserve_state")
+        if state is None:  # BaseServer.__init__ has not run
+            close(self)
+            return
+        depth = state.close_depth
+        outer = depth == 0 and not state.closed and state.is_owner
+        if outer:
+            state.closed = True
+            self.call_hook("server_close")
+        state.close_depth = depth + 1
+        try:
+            close(self)
+        finally:
+            state.close_depth = depth
+            if outer:
+                self.call_hook("server_closed")
+
+    server_close.__sockserve_closing__ = True  # type: ignore[attr-defined]
+    return server_close
+
+
+def _drain_end(server: BaseServer) -> str:
+    if server.drain_ended:
+        return "drain ended early"
+    return f"drain deadline of {server.drain_timeout}s passed"
 
 
 class BaseServer:
@@ -102,6 +116,8 @@ class BaseServer:
       called twice, before ``serve_forever`` (which then returns at once) and from the
       serving thread (the loop stops after the current request).
     - accept() failing for lack of descriptors or memory backs off and logs once per burst.
+    - ``prepare_request`` runs the per-connection layers in the worker (DESIGN.md
+      section 6); every strategy runs its requests through ``run_request``.
     - lifecycle plugins (``sockserve.hookimpl``) are called at the points listed in
       ``sockserve.core.hookspecs``.
     """
@@ -116,6 +132,15 @@ class BaseServer:
     sockserve_options = ServerOptions
     #: Lifecycle plugins that apply to this class only (set by ``compose(plugins=...)``).
     _sockserve_plugins: tuple[object, ...] = ()
+    #: prepare_request is overridden (a layer is present): run_request calls it.
+    _sockserve_layered = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._sockserve_layered = cls.prepare_request is not BaseServer.prepare_request
+        close = cls.server_close
+        if not getattr(close, "__sockserve_closing__", False):
+            cls.server_close = _closing(close)  # type: ignore[method-assign]
 
     def __init__(self, server_address: Any, RequestHandlerClass: Any) -> None:
         """Store the address and handler class; subclasses create and bind the socket."""
@@ -123,18 +148,11 @@ class BaseServer:
         self.RequestHandlerClass = RequestHandlerClass
         #: Requests cut off when the drain deadline passed.
         self.requests_cut_off = 0
+        #: Requests refused after they were accepted, by reason (``verify_request``,
+        #: a layer's reason such as ``timeout``, ``closing`` for those dropped unrun).
+        self.requests_denied: collections.Counter[str] = collections.Counter()
         self._sockserve_hooks: HookRelay = relay_for(type(self)._sockserve_plugins)
-        # Reentrant: a signal handler that calls shutdown() (prefork workers, sockserve
-        # serve) runs in the serving thread and may interrupt it while it holds the lock.
-        self._sockserve_lock = threading.RLock()
-        self._sockserve_shutdown_request = False
-        self._sockserve_is_shut_down = threading.Event()
-        self._sockserve_is_shut_down.set()
-        self._sockserve_serving_thread: int | None = None
-        self._sockserve_wake: socket.socket | None = None
-        self._sockserve_wake_r: socket.socket | None = None
-        self._sockserve_backoff = 0.0
-        self._sockserve_accept_failures = 0
+        self._sockserve_state = ServingState()
 
     def server_activate(self) -> None:
         """Called by the constructor to activate the server; may be overridden."""
@@ -148,92 +166,71 @@ class BaseServer:
         on every turn; ``shutdown()`` interrupts the wait at once. If ``shutdown()`` was
         called before, returns at once without accepting anything.
         """
-        wake_r = self._sockserve_enter_loop()
-        if wake_r is None:
-            return
+        state = self._sockserve_state
+        with state.lock:
+            if state.shutdown_request:
+                state.shutdown_request = False
+                return
+            state.is_shut_down.clear()
+            state.serving_thread = threading.get_ident()
+            wake_r = state.open_wake()
         hooks = self._sockserve_hooks
         try:
             if hooks.serve_start is not None:
                 call_hook(self, hooks.serve_start)
-            self._sockserve_loop(wake_r, poll_interval)
+            self._sockserve_loop(state, wake_r, poll_interval)
         finally:
-            self._sockserve_leave_loop()
+            with state.lock:
+                state.close_wake()
+                state.shutdown_request = False
+                state.serving_thread = None
+            try:
+                if hooks.serve_stop is not None:
+                    call_hook(self, hooks.serve_stop)
+            finally:
+                state.is_shut_down.set()
 
-    def _sockserve_enter_loop(self) -> socket.socket | None:
-        """Mark the server as serving and make the wake-up socket pair.
+    def _sockserve_loop(
+        self, state: ServingState, wake_r: socket.socket, poll_interval: float | None
+    ) -> None:
+        """Accept and handle requests until shutdown is asked for.
 
-        Returns the socket to poll for wake-ups, or None when ``shutdown()`` was called
-        before (the request is consumed and the loop must not run).
+        Each ready descriptor is dispatched on its own: the wake-up socket is only read,
+        the listening socket is accepted from only while accepting is not paused.
         """
-        with self._sockserve_lock:
-            if self._sockserve_shutdown_request:
-                self._sockserve_shutdown_request = False
-                return None
-            self._sockserve_is_shut_down.clear()
-            self._sockserve_serving_thread = threading.get_ident()
-            wake_r, wake_w = socket.socketpair()
-            wake_r.setblocking(False)
-            wake_w.setblocking(False)
-            self._sockserve_wake = wake_w
-            self._sockserve_wake_r = wake_r
-        return wake_r
-
-    def _sockserve_loop(self, wake_r: socket.socket, poll_interval: float | None) -> None:
-        """Accept and handle requests until shutdown is asked for."""
         hooks = self._sockserve_hooks
         # A raw poll object, not the selectors wrapper the standard module uses:
         # selectors builds key objects and lists in Python on every call, which
         # costs more per request than everything sockserve adds (bench_stdlib.py).
-        poller = _Poller()
-        poller.register(self, _READ)
-        poller.register(wake_r, _READ)
-        timeout = _poll_timeout(poll_interval)
+        poller = Poller()
+        wake_fd = wake_r.fileno()
+        poller.register(wake_fd, READ)
+        listen_fd = self.fileno()
+        polled = False
+        timeout = poll_timeout(poll_interval)
         # Locals save attribute lookups on every turn of the loop.
         poll = poller.poll
         handle = self._handle_request_noblock
         service_actions = self.service_actions
-        while not self._sockserve_shutdown_request:
+        while not state.shutdown_request:
+            if state.accepting is not polled:
+                polled = state.accepting
+                if polled:
+                    poller.register(listen_fd, READ)
+                else:
+                    poller.unregister(listen_fd)
             ready = poll(timeout)
             # bpo-35017: shutdown() may have been called during poll().
-            if self._sockserve_shutdown_request:
+            if state.shutdown_request:
                 break
-            if ready:
-                handle()
+            for fd, _ in ready:
+                if fd == wake_fd:
+                    state.drain_wake()
+                elif state.accepting:
+                    handle()
             service_actions()
             if hooks.service_actions is not None:
                 call_hook(self, hooks.service_actions)
-
-    def _sockserve_leave_loop(self) -> None:
-        """Undo ``_sockserve_enter_loop``, fire ``serve_stop`` and release shutdown()."""
-        with self._sockserve_lock:
-            wake_w, wake_r = self._sockserve_wake, self._sockserve_wake_r
-            self._sockserve_wake = None
-            self._sockserve_wake_r = None
-            if wake_w is not None:
-                wake_w.close()
-            if wake_r is not None:
-                wake_r.close()
-            self._sockserve_shutdown_request = False
-            self._sockserve_serving_thread = None
-        hooks = self._sockserve_hooks
-        try:
-            if hooks.serve_stop is not None:
-                call_hook(self, hooks.serve_stop)
-        finally:
-            self._sockserve_is_shut_down.set()
-
-    def _sockserve_after_fork(self) -> None:
-        """Give a forked process its own serving state (not the parent's wake-up socket)."""
-        for sock in (self._sockserve_wake, self._sockserve_wake_r):
-            if sock is not None:
-                sock.close()  # the child's copies; the parent's stay open
-        self._sockserve_lock = threading.RLock()
-        self._sockserve_shutdown_request = False
-        self._sockserve_is_shut_down = threading.Event()
-        self._sockserve_is_shut_down.set()
-        self._sockserve_serving_thread = None
-        self._sockserve_wake = None
-        self._sockserve_wake_r = None
 
     def shutdown(self) -> None:
         """Stop the ``serve_forever`` loop and wait until it has stopped.
@@ -244,59 +241,132 @@ class BaseServer:
         In-flight requests of concurrent strategies are not waited for here; that is
         ``server_close()``'s job (``block_on_close``).
         """
-        with self._sockserve_lock:
-            self._sockserve_shutdown_request = True
-            self._sockserve_wake_loop()
-            if self._sockserve_serving_thread == threading.get_ident():
+        state = self._sockserve_state
+        with state.lock:
+            state.shutdown_request = True
+            state.wake()
+            if state.serving_thread == threading.get_ident():
                 return
         drain = self.drain_timeout
-        if drain is None or self._sockserve_is_shut_down.wait(drain):
-            self._sockserve_is_shut_down.wait()
+        if drain is None or state.is_shut_down.wait(drain):
+            state.is_shut_down.wait()
             return
         # A sync request still runs in the serving thread past the drain deadline.
-        self._sockserve_cut_off_serving_request()
-        self._sockserve_is_shut_down.wait()
+        self.cut_off(self.in_flight)
+        state.is_shut_down.wait()
 
-    def _sockserve_wake_loop(self) -> None:
-        """Wake the serve loop where it waits; called by ``shutdown()`` after it set the flag.
+    # ------------------------------------------------------------------ strategy contract
 
-        The loop waits in poll(), woken through the socket pair. A strategy that makes the
-        serving thread wait elsewhere too (a full thread pool) extends this to wake it
-        there; the flag is already set, so a woken loop sees it and never waits again.
+    @property
+    def shutdown_requested(self) -> bool:
+        """``shutdown()`` was asked for and the serve loop has not stopped yet."""
+        return self._sockserve_state.shutdown_request
+
+    def pause_accepting(self) -> None:
+        """Stop polling the listening socket; the loop keeps turning (wake-ups,
+        ``service_actions``, shutdown). Connections wait in the listen backlog. Any thread.
         """
-        wake = self._sockserve_wake
-        if wake is not None:
-            try:
-                wake.send(b"\0")
-            except OSError:  # buffer full: a wake-up is already pending
-                pass
+        self._sockserve_state.accepting = False
 
-    def _sockserve_cut_off_serving_request(self) -> None:
-        request = getattr(self, "_sockserve_current", None)
-        if request is not None:
-            self._sockserve_cut_off([request])
+    def resume_accepting(self) -> None:
+        """Poll the listening socket again (any thread: the loop is woken if needed)."""
+        state = self._sockserve_state
+        if not state.accepting:
+            state.accepting = True
+            if state.serving_thread != threading.get_ident():
+                state.wake()
 
-    def _sockserve_cut_off(self, requests: list[Any]) -> None:
-        """Shut down the connections of requests still running at the drain deadline."""
+    @property
+    def in_flight(self) -> tuple[Any, ...]:
+        """The requests running now in this process, as ``prepare_request`` returned them."""
+        return tuple(self._sockserve_state.in_flight.values())
+
+    def cut_off(self, requests: Iterable[Any]) -> int:
+        """Shut the connections of *requests* down now, so that their handlers return.
+
+        A datagram request has no connection and is left alone. Only connections that
+        were really shut down are counted (``requests_cut_off``) and logged.
+
+        :returns: how many were shut down.
+        """
         count = 0
         for request in requests:
-            sock = request[1] if isinstance(request, tuple) else request
             if isinstance(request, tuple):
-                count += 1  # a datagram handler cannot be interrupted; counted only
-                continue
+                continue  # (data, socket): the socket is the server's
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                request.shutdown(socket.SHUT_RDWR)
             except (OSError, AttributeError):
-                pass
+                continue  # closed already, or not a connection
             count += 1
         if count:
-            self.requests_cut_off += count
+            with self._sockserve_state.lock:
+                self.requests_cut_off += count
             log.warning(
-                "%s: drain deadline of %ss passed; cut off %d in-flight request(s)",
+                "%s: %s; cut off %d in-flight request(s)",
                 type(self).__name__,
-                self.drain_timeout,
+                _drain_end(self),
                 count,
             )
+        return count
+
+    def end_drain(self) -> None:
+        """Stop waiting for in-flight work: a running drain cuts off what is left now.
+
+        For a second Ctrl-C or SIGTERM; safe from a signal handler and any thread.
+        """
+        self._sockserve_state.drain_end.set()
+
+    @property
+    def drain_ended(self) -> bool:
+        """``end_drain()`` was called."""
+        return self._sockserve_state.drain_end.is_set()
+
+    def after_fork(self) -> None:
+        """In a forked child: give this copy of the server its own serving state.
+
+        The child does not share the parent's wake-up socket, lock, shutdown flag or
+        in-flight requests, and is not the owner: its ``server_close()`` fires no close
+        hooks and removes nothing the parent created.
+        """
+        old = self._sockserve_state
+        old.close_wake()  # the child's copies; the parent's stay open
+        self._sockserve_state = ServingState(owner_pid=old.owner_pid)
+
+    def call_hook(self, name: str, **kwargs: Any) -> Any:
+        """Call lifecycle hook *name* (``"serve_start"`` or ``"sockserve_serve_start"``).
+
+        For strategies that run their own worker loops. Does nothing when no plugin
+        implements the hook; an implementation that raises is reported through
+        ``handle_error``.
+
+        :returns: the hook's result, or None.
+        """
+        short = name[len("sockserve_"):] if name.startswith("sockserve_") else name
+        try:
+            caller = getattr(self._sockserve_hooks, short)
+        except AttributeError:
+            raise AttributeError(f"no sockserve hook named {name!r}") from None
+        if caller is None:
+            return None
+        return call_hook(self, caller, **kwargs)
+
+    def deny_request(self, request: Any, client_address: Any, reason: str) -> None:
+        """Refuse a request that was accepted: count it by *reason*, fire
+        ``sockserve_request_denied``, then shut it down. For strategies that drop
+        requests unrun and layers that refuse one.
+        """
+        with self._sockserve_state.lock:
+            self.requests_denied[reason] += 1
+        try:
+            hook = self._sockserve_hooks.request_denied
+            if hook is not None:
+                call_hook(
+                    self, hook, request=request, client_address=client_address, reason=reason
+                )
+        finally:
+            self.shutdown_request(request)
+
+    # ------------------------------------------------------------------ one request
 
     def service_actions(self) -> None:
         """Called on every turn of the ``serve_forever`` loop; may be overridden."""
@@ -330,24 +400,31 @@ class BaseServer:
         except OSError as exc:
             self._sockserve_accept_failed(exc)
             return
-        if self._sockserve_accept_failures:
-            self._sockserve_accept_resumed()
+        state = self._sockserve_state
+        if state.accept_failures:
+            self._sockserve_accept_resumed(state)
         verify = self._sockserve_hooks.verify_request
         if verify is None:
             accepted = self.verify_request(request, client_address)
         else:
             accepted = self._sockserve_verify(verify, request, client_address)
-        if accepted:
-            try:
-                self.process_request(request, client_address)
-            except Exception:
-                self._sockserve_handle_error(request, client_address)
+        if not accepted:
+            if self._sockserve_hooks.request_denied is None:
                 self.shutdown_request(request)
-            except BaseException:
+            else:
+                self.deny_request(request, client_address, "verify_request")
+            return
+        state.sync_ran = False
+        try:
+            self.process_request(request, client_address)
+        except Exception:
+            self._sockserve_handle_error(request, client_address)
+            if not state.sync_ran:  # never ran: it ends denied
+                self.deny_request(request, client_address, "process_request")
+        except BaseException:
+            if not state.sync_ran:  # run_request shut it down already
                 self.shutdown_request(request)
-                raise
-        else:
-            self.shutdown_request(request)
+            raise
 
     def _sockserve_verify(self, verify: Any, request: Any, client_address: Any) -> bool:
         verdict = call_hook(self, verify, request=request, client_address=client_address)
@@ -365,30 +442,30 @@ class BaseServer:
             return
         if exc.errno not in RESOURCE_ERRNOS:
             return  # a reset or aborted connection: nothing to do, as in the standard module
-        self._sockserve_accept_failures += 1
-        if self._sockserve_accept_failures == 1:
+        state = self._sockserve_state
+        state.accept_failures += 1
+        if state.accept_failures == 1:
             log.error(
                 "%s: accept() failed: %s; backing off until resources free up",
                 type(self).__name__,
                 exc,
             )
-            self._sockserve_backoff = ACCEPT_BACKOFF_MIN
+            state.backoff = ACCEPT_BACKOFF_MIN
         else:
-            self._sockserve_backoff = min(self._sockserve_backoff * 2, ACCEPT_BACKOFF_MAX)
+            state.backoff = min(state.backoff * 2, ACCEPT_BACKOFF_MAX)
         # Wait on the wake-up socket so that shutdown() still interrupts the pause.
-        wake_r = self._sockserve_wake_r
-        if wake_r is not None:
-            select.select([wake_r], [], [], self._sockserve_backoff)
+        if state.wake_r is not None:
+            select.select([state.wake_r], [], [], state.backoff)
         else:
-            time.sleep(self._sockserve_backoff)
+            time.sleep(state.backoff)
 
-    def _sockserve_accept_resumed(self) -> None:
+    def _sockserve_accept_resumed(self, state: ServingState) -> None:
         log.warning(
             "%s: accepting again after %d failed accept() call(s)",
             type(self).__name__,
-            self._sockserve_accept_failures,
+            state.accept_failures,
         )
-        self._sockserve_accept_failures = 0
+        state.accept_failures = 0
 
     def handle_timeout(self) -> None:
         """Called when ``handle_request`` times out; may be overridden."""
@@ -399,34 +476,84 @@ class BaseServer:
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Handle the request in the current thread; concurrency mixins override this."""
-        # Remembered so that a drain deadline can cut off a request that overstays.
-        self._sockserve_current = request
-        try:
-            hooks = self._sockserve_hooks
-            if hooks.request_start is not None or hooks.request_finish is not None:
-                self.run_request(request, client_address)
-                return
-            # run_request's no-hook path, except that a BaseException leaves the request
-            # for _handle_request_noblock to shut down, once, as the standard module does.
-            try:
-                self.finish_request(request, client_address)
-            except Exception:
-                self._sockserve_handle_error(request, client_address)
-            self.shutdown_request(request)
-        finally:
-            self._sockserve_current = None
+        self._sockserve_state.sync_ran = True
+        self.run_request(request, client_address)
+
+    def prepare_request(self, request: Any, client_address: Any) -> tuple[Any, Any]:
+        """Per-connection work before the handler, in the worker; layers override this.
+
+        Returns the request and client address the handler, the worker-side hooks,
+        ``handle_error``, ``in_flight``, ``shutdown_request`` and the drain's cut-off are
+        to see (a TLS socket, the client behind a proxy). A layer chains with
+        ``super()`` and raises ``sockserve.LayerError`` when the connection is refused.
+        The default returns both unchanged.
+        """
+        return request, client_address
 
     def run_request(self, request: Any, client_address: Any) -> bool:
         """Run one request here, in the worker that is to handle it, then shut it down.
 
-        The body of the standard ``process_request_thread``: ``finish_request``, then
-        ``handle_error`` for an ``Exception``, then always ``shutdown_request``; around it
-        the ``sockserve_request_start`` / ``sockserve_request_finish`` hooks. Every
+        ``prepare_request`` (the layers), the ``sockserve_request_prepared`` hook, then
+        the body of the standard ``process_request_thread``: ``finish_request``,
+        ``handle_error`` for an ``Exception``, always ``shutdown_request``; around it the
+        ``sockserve_request_start`` / ``sockserve_request_finish`` hooks. Every
         concurrency strategy runs its requests through here, in its thread or process.
+        Every request ends in exactly one of ``sockserve_request_finish`` or
+        ``sockserve_request_denied``.
 
-        :returns: False when the handler raised (the error was handled), else True.
+        :returns: False when the request was denied or its handler raised, else True.
         """
         hooks = self._sockserve_hooks
+        in_flight = self._sockserve_state.in_flight
+        raw = request
+        in_flight[id(raw)] = raw
+        try:
+            if self._sockserve_layered:
+                prepared = self._sockserve_prepare(raw, client_address)
+                if prepared is None:
+                    return False
+                request, client_address = prepared
+                if request is not raw:
+                    del in_flight[id(raw)]
+                    in_flight[id(request)] = request
+            if hooks.request_prepared is not None:
+                verdict = call_hook(
+                    self, hooks.request_prepared, request=request, client_address=client_address
+                )
+                if verdict is False:
+                    self.deny_request(request, client_address, "request_prepared")
+                    return False
+            return self._sockserve_run(hooks, request, client_address)
+        finally:
+            in_flight.pop(id(request), None)
+            if request is not raw:
+                in_flight.pop(id(raw), None)
+
+    def _sockserve_prepare(self, raw: Any, client_address: Any) -> tuple[Any, Any] | None:
+        """Run the layers; on failure deny the request and return None."""
+        try:
+            return self.prepare_request(raw, client_address)
+        except LayerError as exc:
+            failed = exc
+        except OSError as exc:  # the peer went away or timed out mid-layer
+            failed = LayerError(
+                "timeout" if isinstance(exc, TimeoutError) else "connection", client_address, str(exc)
+            )
+        except Exception:
+            self._sockserve_handle_error(raw, client_address)
+            self.deny_request(raw, client_address, "prepare_request")
+            return None
+        except BaseException:
+            self.shutdown_request(raw)
+            raise
+        log.warning(
+            "%s: refused %s: %s", type(self).__name__, failed.peer or client_address, failed
+        )
+        request = raw if failed.request is None else failed.request
+        self.deny_request(request, client_address, failed.reason)
+        return None
+
+    def _sockserve_run(self, hooks: HookRelay, request: Any, client_address: Any) -> bool:
         start = hooks.request_start
         finish = hooks.request_finish
         if start is None and finish is None:
@@ -459,20 +586,6 @@ class BaseServer:
             finally:
                 self.shutdown_request(request)
         return failure is None
-
-    def call_hook(self, name: str, **kwargs: Any) -> Any:
-        """Call lifecycle hook *name* (``"serve_start"``, without the prefix) for this server.
-
-        For strategies that run their own loops (a worker process's loop fires
-        ``serve_start`` / ``serve_stop``). Does nothing when no plugin implements the hook;
-        an implementation that raises is reported through ``handle_error``.
-
-        :returns: the hook's result, or None.
-        """
-        caller = getattr(self._sockserve_hooks, name)
-        if caller is None:
-            return None
-        return call_hook(self, caller, **kwargs)
 
     def _sockserve_handle_error(self, request: Any, client_address: Any) -> None:
         """Offer the exception being handled to the hook, then to ``handle_error``."""

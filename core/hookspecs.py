@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from ._server import BaseServer
+    from ._contract import Server as BaseServer
 
 __all__ = [
     "hookspec",
@@ -25,10 +25,13 @@ __all__ = [
     "sockserve_serve_stop",
     "sockserve_service_actions",
     "sockserve_verify_request",
+    "sockserve_request_prepared",
     "sockserve_request_start",
     "sockserve_request_finish",
+    "sockserve_request_denied",
     "sockserve_handle_error",
     "sockserve_server_close",
+    "sockserve_server_closed",
     "sockserve_pre_fork",
     "sockserve_post_fork",
     "sockserve_worker_exit",
@@ -125,6 +128,48 @@ def sockserve_verify_request(
 
     For access control and rate limiting. Runs on the serving thread, so it must not
     block; slow checks belong on the worker side of the request.
+    """
+
+
+@hookspec(firstresult=True)
+def sockserve_request_prepared(
+    server: BaseServer, request: Request, client_address: Address
+) -> bool | None:
+    """Decide on a request after the layers ran, before it is handled.
+
+    Fires in the thread or process that runs the request, after ``prepare_request``
+    (the TLS handshake is done, the PROXY header read), so *request* and *client_address*
+    are what the layers returned: the TLS socket, the client behind the proxy. The first
+    implementation that returns non-``None`` decides.
+
+    :returns: ``False`` to deny the request (``sockserve_request_denied`` fires with
+        reason ``"request_prepared"`` and it is shut down; the handler never runs),
+        ``True`` or ``None`` to go on.
+
+    For access control on the real client address and on what TLS negotiated. May
+    block briefly: it runs in the worker, not on the serving thread.
+    """
+
+
+@hookspec
+def sockserve_request_denied(
+    server: BaseServer, request: Request, client_address: Address, reason: str
+) -> None:
+    """React to a request refused after it was accepted.
+
+    Fires wherever the refusal happens: on the serving thread (``verify_request`` or a
+    verify hook said no: reason ``"verify_request"``; ``process_request`` raised:
+    ``"process_request"``), in the worker (a layer failed: its ``LayerError.reason`` such
+    as ``"timeout"``; ``sockserve_request_prepared`` said no: ``"request_prepared"``), or
+    at close (a queued request dropped unrun: ``"closing"``). Every admitted request ends
+    in exactly one of ``sockserve_request_finish`` or this hook. Every implementation
+    runs; the request is shut down right after.
+
+    :param request: the request as far as it got (the raw socket, or what a layer made).
+    :param client_address: the peer address as far as it is known.
+    :param reason: a short word saying why (see above; layers add their own).
+
+    For counters and rate-limited logs of refused connections. Must not block.
     """
 
 
@@ -240,4 +285,19 @@ def sockserve_server_close(server: BaseServer) -> None:
     :param server: the closing server.
 
     For flushing statistics and releasing what the plugin holds for this server.
+    """
+
+
+@hookspec
+def sockserve_server_closed(server: BaseServer) -> None:
+    """React to the server having closed, after the drain.
+
+    Fires in the thread calling ``server_close()``, after the outermost ``server_close``
+    returned: the listening socket is closed and every in-flight request has finished or
+    was cut off (``server.requests_cut_off``). Fires once per server, only in the process
+    that created it (not in forked workers). Every implementation runs.
+
+    :param server: the closed server.
+
+    For final statistics: nothing about this server changes any more.
     """

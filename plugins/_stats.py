@@ -1,10 +1,12 @@
 """The ``stats`` plugin: request counters and a duration histogram per server.
 
 Opt-in by name. Counts are kept in memory shared across forked children, so they are
-complete for every strategy: ``accepted`` (past accept), ``denied`` (refused by
-``verify_request`` or a plugin), ``finished`` (handler returned), ``failed`` (handler
-raised). ``Stats.snapshot(server)`` reads them from Python; when the server closes, one
-summary line is logged on ``sockserve.stats`` (``sockserve serve`` prints it on exit).
+complete for every strategy: ``accepted`` (past accept), ``denied`` (refused after
+accept: by ``verify_request`` or a plugin, by a layer, or dropped unrun at close),
+``finished`` (handler returned), ``failed`` (handler raised). ``Stats.snapshot(server)``
+reads them from Python; once the server has closed and drained
+(``sockserve_server_closed``), one summary line is logged on ``sockserve.stats``
+(``sockserve serve`` prints it on exit).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import multiprocessing
 import threading
 import time
+import weakref
 from collections.abc import Generator
 from typing import Any
 
@@ -26,9 +29,6 @@ __all__ = ["Stats", "STATS", "BUCKETS"]
 #: that range, and a decade per bucket keeps the summary one readable line.
 BUCKETS = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
 COUNTERS = ("accepted", "denied", "finished", "failed")
-#: Longest server_close() waits for running requests when the server sets no
-#: drain_timeout (the strategy itself waits for them right after, without limit).
-CLOSE_WAIT = 10.0
 
 
 class _Shared:
@@ -37,13 +37,7 @@ class _Shared:
     def __init__(self) -> None:
         ctx = multiprocessing.get_context("fork") if hasattr(multiprocessing, "get_context") else multiprocessing
         self.values = ctx.RawArray("q", len(COUNTERS) + len(BUCKETS) + 1)
-        self.started = ctx.RawValue("q", 0)
         self.lock = ctx.Lock()
-
-    def running(self) -> int:
-        """Requests whose handler started and has not finished yet."""
-        with self.lock:
-            return self.started.value - self.values[2] - self.values[3]
 
     def add(self, index: int, amount: int = 1) -> None:
         with self.lock:
@@ -59,14 +53,16 @@ class Stats:
         self.logger = logger or logging.getLogger("sockserve.stats")
         self._local = threading.local()
         self._guard = threading.Lock()
+        # A forked child's copy of this mapping finds the parent's shared memory.
+        self._servers: weakref.WeakKeyDictionary[Any, _Shared] = weakref.WeakKeyDictionary()
 
     def _shared(self, server: Any) -> _Shared:
-        shared = getattr(server, "_sockserve_stats", None)
+        shared = self._servers.get(server)
         if shared is None:
             with self._guard:
-                shared = getattr(server, "_sockserve_stats", None)
+                shared = self._servers.get(server)
                 if shared is None:
-                    shared = server._sockserve_stats = _Shared()
+                    shared = self._servers[server] = _Shared()
         return shared
 
     def snapshot(self, server: Any) -> dict[str, Any]:
@@ -91,18 +87,16 @@ class Stats:
         verdict = yield
         if verdict is None:
             verdict = bool(server.verify_request(request, client_address))
-        shared = self._shared(server)
-        shared.add(0)
-        if not verdict:
-            shared.add(1)
+        self._shared(server).add(0)
         return verdict
 
     @hookimpl
-    def sockserve_request_start(self, server: Any) -> None:
+    def sockserve_request_denied(self, server: Any) -> None:
+        self._shared(server).add(1)
+
+    @hookimpl
+    def sockserve_request_start(self) -> None:
         self._local.started = time.perf_counter()
-        shared = self._shared(server)
-        with shared.lock:
-            shared.started.value += 1
 
     @hookimpl
     def sockserve_request_finish(self, server: Any, exc: BaseException | None) -> None:
@@ -115,16 +109,7 @@ class Stats:
                 shared.values[len(COUNTERS) + bucket] += 1
 
     @hookimpl
-    def sockserve_server_close(self, server: Any) -> None:
-        # This hook fires before the strategy waits for the requests still running
-        # (core/hookspecs.py). Wait for them here as the strategy is about to, so that the
-        # summary counts them.
-        if getattr(server, "block_on_close", False) and not getattr(server, "daemon_threads", False):
-            drain = getattr(server, "drain_timeout", None)
-            deadline = time.monotonic() + (CLOSE_WAIT if drain is None else drain)
-            shared = self._shared(server)
-            while shared.running() > 0 and time.monotonic() < deadline:
-                time.sleep(0.005)
+    def sockserve_server_closed(self, server: Any) -> None:
         snap = self.snapshot(server)
         histogram = " ".join(
             f"<={bound * 1000:g}ms:{n}" if bound != float("inf") else f"slower:{n}"

@@ -14,7 +14,6 @@ from typing import Any
 import attrs
 
 from ..core._errors import DatagramTruncatedError
-from ..core._hooks import call_hook
 from ..core._options import count
 from ..core._plugin_types import SocketType
 from ._stream import TCPServer
@@ -56,9 +55,7 @@ class UDPServer(TCPServer):
 
     def server_activate(self) -> None:
         """Nothing to listen for; only the activation hook fires."""
-        hook = self._sockserve_hooks.server_activate
-        if hook is not None:
-            call_hook(self, hook)
+        self.call_hook("server_activate")
 
     def shutdown_request(self, request: Any) -> None:
         """Nothing to shut down for a datagram."""

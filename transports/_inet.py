@@ -9,7 +9,7 @@ from ..core._errors import AddressError, PortRangeError
 from ..core._plugin_types import AddressFamily
 
 if TYPE_CHECKING:
-    from ..core._server import BaseServer
+    from ..core._contract import Server as BaseServer
 
 __all__ = ["INET", "INET6", "InetFamily", "Inet6Family"]
 

@@ -7,15 +7,15 @@ transport of another family derives from it, as the standard module documents.
 from __future__ import annotations
 
 import socket
+import warnings
 from typing import Any
 
 import attrs
 
 from ..core._errors import AddressError, BindError
-from ..core._hooks import call_hook
 from ..core._options import count, flag
-from ..core._plugin_types import SocketType
-from ..core._registry import registry
+from ..core._plugin_types import AddressFamily, SocketType
+from ..core._registry import Registry, registry
 from ..core._server import BaseServer
 
 __all__ = ["TCPServer", "STREAM"]
@@ -60,13 +60,20 @@ class TCPServer(BaseServer):
     #: For IPv6 sockets: True serves IPv6 only, False both stacks (IPv4-mapped), None
     #: leaves the system default.
     ipv6_only: bool | None = None
-    _sockserve_accept_args: tuple[Any, int, int, int] | None = None
-    _sockserve_address_checked = True
+    #: The address family plugin and the registry the class was composed with (set by
+    #: ``compose``); a hand-written class looks its family up by ``address_family``.
+    sockserve_family: AddressFamily | None = None
+    sockserve_registry: Registry | None = None
+    _accept_args: tuple[Any, int, int, int] | None = None
+    _address_checked = True
+    _ssl_warned = False
 
     def __init__(
         self, server_address: Any, RequestHandlerClass: Any, bind_and_activate: bool = True
     ) -> None:
-        family = registry.family_for(self.address_family)
+        family = self.sockserve_family
+        if family is None or family.address_family != self.address_family:
+            family = (self.sockserve_registry or registry).family_for(self.address_family)
         try:
             server_address = family.check_address(server_address)
         except AddressError:
@@ -82,9 +89,8 @@ class TCPServer(BaseServer):
             if address_family != self.address_family:
                 self.address_family = address_family
         BaseServer.__init__(self, server_address, RequestHandlerClass)
-        self._sockserve_family = family
-        self._sockserve_address_checked = checked
-        self._sockserve_closed = False
+        self._family = family
+        self._address_checked = checked
         self.socket = socket.socket(self.address_family, self.socket_type)
         if bind_and_activate:
             try:
@@ -100,10 +106,10 @@ class TCPServer(BaseServer):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        family = self._sockserve_family
-        if not self._sockserve_address_checked:
+        family = self._family
+        if not self._address_checked:
             self.server_address = family.check_address(self.server_address)
-            self._sockserve_address_checked = True
+            self._address_checked = True
         family.before_bind(self)
         try:
             self.socket.bind(self.server_address)
@@ -121,18 +127,11 @@ class TCPServer(BaseServer):
     def server_activate(self) -> None:
         """Listen with a backlog of ``request_queue_size``."""
         self.socket.listen(self.request_queue_size)
-        hook = self._sockserve_hooks.server_activate
-        if hook is not None:
-            call_hook(self, hook)
+        self.call_hook("server_activate")
 
     def server_close(self) -> None:
         """Close the listening socket (and remove a Unix socket file we created)."""
-        if not self._sockserve_closed:
-            self._sockserve_closed = True
-            hook = self._sockserve_hooks.server_close
-            if hook is not None:
-                call_hook(self, hook)
-            self._sockserve_family.release(self)
+        self._family.release(self)
         self.socket.close()
 
     def fileno(self) -> int:
@@ -143,14 +142,24 @@ class TCPServer(BaseServer):
         """Accept a connection: return ``(socket, client_address)``."""
         listening = self.socket
         if type(listening) is not _Socket:  # an ssl.SSLSocket, say: its accept() wraps
+            if not self._ssl_warned and hasattr(listening, "do_handshake"):
+                type(self)._ssl_warned = True
+                warnings.warn(
+                    f"{type(self).__name__}: the listening socket is an SSLSocket, so every "
+                    "TLS handshake runs on the serving thread and one silent client stalls "
+                    "the server; use the 'tls' layer (compose(..., layers=['tls'])), which "
+                    "handshakes in the worker with a deadline",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
             return listening.accept()
         # socket.accept() reads the listening socket's family and type properties on
         # every call to build the new socket, each an IntEnum conversion: together 1.3 µs
         # of a prefork worker's ~35 µs per connection (benchmarks/THROUGHPUT.md). Same
         # steps here, with those values read once per listening socket.
-        args = self._sockserve_accept_args
+        args = self._accept_args
         if args is None or args[0] is not listening:
-            args = self._sockserve_accept_args = (
+            args = self._accept_args = (
                 listening, int(listening.family), int(listening.type), listening.proto
             )
         fd, address = listening._accept()

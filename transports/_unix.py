@@ -17,7 +17,7 @@ from ..core._errors import AddressError, BindError, PathTooLongError
 from ..core._plugin_types import AddressFamily
 
 if TYPE_CHECKING:
-    from ..core._server import BaseServer
+    from ..core._contract import Server as BaseServer
 
 __all__ = ["UNIX", "UnixFamily"]
 
@@ -92,16 +92,16 @@ class UnixFamily(AddressFamily):
         if given and not _is_abstract(given):
             try:
                 st = os.stat(given)
-                server._sockserve_unix_file = (given, st.st_dev, st.st_ino, os.getpid())  # type: ignore[attr-defined]
+                server._unix_socket_file = (given, st.st_dev, st.st_ino, os.getpid())  # type: ignore[attr-defined]
             except OSError:
                 pass
         return bound
 
     def release(self, server: BaseServer) -> None:
-        created = getattr(server, "_sockserve_unix_file", None)
+        created = getattr(server, "_unix_socket_file", None)
         if created is None:
             return
-        server._sockserve_unix_file = None  # type: ignore[attr-defined]
+        server._unix_socket_file = None  # type: ignore[attr-defined]
         path, dev, ino, pid = created
         if pid != os.getpid():
             return  # a forked worker closing its copy: the file belongs to the parent

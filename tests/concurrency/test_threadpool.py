@@ -103,7 +103,7 @@ def test_many_concurrent_clients_are_all_answered(transport, tmp_path):
     skip_unless_supported(transport, "threadpool")
     # A listen backlog for all the clients: a full one makes a Unix client's connect()
     # fail with EAGAIN and a TCP client's SYN wait a second for its retransmission.
-    options = {"workers": 4, "backlog": 2, "request_queue_size": 64}
+    options = {"threads": 4, "backlog": 2, "request_queue_size": 64}
     cls = sockserve.compose(transport, "threadpool", options=options)
     address = LOOPBACK if transport in ("tcp", "udp") else str(tmp_path / "s.sock")
 
@@ -126,9 +126,9 @@ def test_many_concurrent_clients_are_all_answered(transport, tmp_path):
     assert replies == [b"CLIENT %d" % i for i in range(40)]
 
 
-def test_no_more_than_workers_handlers_run_at_once():
+def test_no_more_than_threads_handlers_run_at_once():
     gate = Gate()
-    options = {"workers": 3, "backlog": 10, "request_queue_size": 16}  # nine connect at once
+    options = {"threads": 3, "backlog": 10, "request_queue_size": 16}  # nine connect at once
     cls = sockserve.compose("tcp", "threadpool", options=options)
     with no_leaks():
         with serving(cls(LOOPBACK, gate.handler())) as server:
@@ -144,11 +144,11 @@ def test_no_more_than_workers_handlers_run_at_once():
 
 
 def test_full_pool_stops_the_serving_thread_from_accepting():
-    """workers=1, backlog=1: one runs, one waits; later ones stay in the kernel's backlog."""
+    """threads=1, backlog=1: one runs, one waits; later ones stay in the kernel's backlog."""
     gate = Gate()
     verified = Verified()
     cls = sockserve.compose(
-        "tcp", "threadpool", plugins=[verified], options={"workers": 1, "backlog": 1}
+        "tcp", "threadpool", plugins=[verified], options={"threads": 1, "backlog": 1}
     )
     with no_leaks():
         with serving(cls(LOOPBACK, gate.handler())) as server:
@@ -169,7 +169,7 @@ def test_shutdown_returns_promptly_while_the_pool_is_full():
     gate = Gate()
     verified = Verified()
     cls = sockserve.compose(
-        "tcp", "threadpool", plugins=[verified], options={"workers": 1, "backlog": 0}
+        "tcp", "threadpool", plugins=[verified], options={"threads": 1, "backlog": 0}
     )
     with no_leaks():
         server = cls(LOOPBACK, gate.handler())
@@ -204,11 +204,11 @@ def test_shutdown_returns_promptly_while_the_pool_is_full():
 def test_serve_forever_again_after_a_shutdown_with_a_busy_pool_keeps_the_bound():
     """A shutdown that found the serving thread in poll() (pool full, nothing waiting)
     leaves no stale wake-up behind: the next serve_forever serves and still accepts no
-    more than ``workers + backlog`` requests at once."""
+    more than ``threads + backlog`` requests at once."""
     gate = Gate()
     verified = Verified()
     cls = sockserve.compose(
-        "tcp", "threadpool", plugins=[verified], options={"workers": 1, "backlog": 0}
+        "tcp", "threadpool", plugins=[verified], options={"threads": 1, "backlog": 0}
     )
     with no_leaks():
         server = cls(LOOPBACK, gate.handler())
@@ -248,7 +248,7 @@ def test_close_with_block_on_close_drains_queued_and_running_requests():
     gate = Gate()
     verified = Verified()
     cls = sockserve.compose(
-        "tcp", "threadpool", plugins=[verified], options={"workers": 1, "backlog": 3}
+        "tcp", "threadpool", plugins=[verified], options={"threads": 1, "backlog": 3}
     )
     with no_leaks():
         server = cls(LOOPBACK, gate.handler())
@@ -287,7 +287,7 @@ def test_drain_timeout_bounds_close_and_counts_cut_off_requests(caplog):
         "tcp",
         "threadpool",
         plugins=[verified],
-        options={"workers": 1, "backlog": 2, "drain_timeout": 0.3},
+        options={"threads": 1, "backlog": 2, "drain_timeout": 0.3},
     )
     caplog.set_level(logging.WARNING, logger="sockserve")
     with no_leaks():
@@ -312,7 +312,9 @@ def test_drain_timeout_bounds_close_and_counts_cut_off_requests(caplog):
                 client.close()
     assert 0.25 <= closed_in < 2.0  # drain_timeout, then the cut-off request returns
     assert replies == [b"", b"", b""]
-    assert server.requests_cut_off == 3
+    # The running one was cut off; the two never started were denied ("closing").
+    assert server.requests_cut_off == 1
+    assert server.requests_denied["closing"] == 2
     assert "drain deadline of 0.3s passed; cut off 1 in-flight request(s)" in caplog.text
 
 
@@ -323,7 +325,7 @@ def test_close_without_block_on_close_drops_queued_requests():
         "tcp",
         "threadpool",
         plugins=[verified],
-        options={"workers": 1, "backlog": 2, "block_on_close": False},
+        options={"threads": 1, "backlog": 2, "block_on_close": False},
     )
     with no_leaks():
         server = cls(LOOPBACK, gate.handler())
@@ -342,7 +344,8 @@ def test_close_without_block_on_close_drops_queued_requests():
     assert dropped == [b"", b""]
     assert first == b"REQ 0"
     assert gate.started == 1
-    assert server.requests_cut_off == 2
+    assert server.requests_denied["closing"] == 2
+    assert server.requests_cut_off == 0
 
 
 def test_handler_exception_goes_to_handle_error_and_the_pool_keeps_serving():
@@ -355,7 +358,7 @@ def test_handler_exception_goes_to_handle_error_and_the_pool_keeps_serving():
                 raise ValueError(data.decode())
             self.request.sendall(data.upper())
 
-    base = sockserve.compose("tcp", "threadpool", options={"workers": 2, "backlog": 4})
+    base = sockserve.compose("tcp", "threadpool", options={"threads": 2, "backlog": 4})
 
     class Server(base):
         def handle_error(self, request, client_address):
@@ -390,7 +393,7 @@ def test_request_hooks_fire_in_pool_threads():
             events.append(("finish", threading.current_thread().name, exc))
 
     cls = sockserve.compose(
-        "tcp", "threadpool", plugins=[Probe()], options={"workers": 2, "backlog": 4}
+        "tcp", "threadpool", plugins=[Probe()], options={"threads": 2, "backlog": 4}
     )
     with no_leaks():
         with serving(cls(LOOPBACK, Upper)) as server:

@@ -50,6 +50,10 @@ HOOK_NAMES = [
     "sockserve_handle_error",
     "sockserve_service_actions",
     "sockserve_server_close",
+    # Added by the connection stage (issue 8).
+    "sockserve_request_prepared",
+    "sockserve_request_denied",
+    "sockserve_server_closed",
     # Added by the prefork strategy (issue 5): worker process lifecycle.
     "sockserve_pre_fork",
     "sockserve_post_fork",
