@@ -126,12 +126,16 @@ def stop_processes(
     term_first: bool = False,
     grace: float = TERMINATE_GRACE,
     on_exit: Callable[[int, int], object] | None = None,
+    cut_off: Callable[[], object] | None = None,
 ) -> int:
     """Stop child processes *pids*: wait until *deadline*, then SIGTERM, then SIGKILL.
 
     With *term_first*, SIGTERM is sent at once (to workers that drain on SIGTERM) and
-    only SIGKILL follows the deadline. *on_exit* is called with ``(pid, exit code)`` for
-    every child reaped. *pids* is empty afterwards.
+    only SIGKILL follows the deadline. *cut_off*, if given, runs at the deadline first
+    (shut down the connections the processes still serve: ``server.cut_off(...)`` on
+    the parent's copies) and the processes get ``CUT_OFF_GRACE`` seconds to finish
+    before any signal. *on_exit* is called with ``(pid, exit code)`` for every child
+    reaped. *pids* is empty afterwards.
 
     :returns: how many processes were still running at the deadline (signalled).
     """
@@ -150,6 +154,11 @@ def stop_processes(
     late = len(pids)
     if not pids:
         return 0
+    if cut_off is not None:
+        cut_off()
+        wait(time.monotonic() + CUT_OFF_GRACE)
+        if not pids:
+            return late
     why = "drain ended early" if server.drain_ended else f"drain deadline of {server.drain_timeout}s passed"
     name = type(server).__name__
     if not term_first:

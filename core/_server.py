@@ -290,12 +290,15 @@ class BaseServer:
         :returns: how many were shut down.
         """
         count = 0
+        cut = self._sockserve_state.cut
         for request in requests:
             if isinstance(request, tuple):
                 continue  # (data, socket): the socket is the server's
+            cut.add(id(request))
             try:
                 request.shutdown(socket.SHUT_RDWR)
             except (OSError, AttributeError):
+                cut.discard(id(request))
                 continue  # closed already, or not a connection
             count += 1
         if count:
@@ -528,6 +531,8 @@ class BaseServer:
             in_flight.pop(id(request), None)
             if request is not raw:
                 in_flight.pop(id(raw), None)
+            if self._sockserve_state.cut:
+                self._sockserve_state.cut.discard(id(request))
 
     def _sockserve_prepare(self, raw: Any, client_address: Any) -> tuple[Any, Any] | None:
         """Run the layers; on failure deny the request and return None."""
@@ -588,7 +593,14 @@ class BaseServer:
         return failure is None
 
     def _sockserve_handle_error(self, request: Any, client_address: Any) -> None:
-        """Offer the exception being handled to the hook, then to ``handle_error``."""
+        """Offer the exception being handled to the hook, then to ``handle_error``.
+
+        A request the server cut off itself fails as expected: one line, no traceback.
+        """
+        cut = self._sockserve_state.cut
+        if cut and id(request) in cut:
+            log.info("%s: request from %s cut off: %s", type(self).__name__, client_address, sys.exc_info()[1])
+            return
         hook = self._sockserve_hooks.handle_error
         if hook is not None:
             exc = sys.exc_info()[1]

@@ -86,6 +86,7 @@ class ServingState:
         "sync_ran",
         "close_depth",
         "closed",
+        "cut",
     )
 
     def __init__(self, owner_pid: int | None = None) -> None:
@@ -112,6 +113,8 @@ class ServingState:
         self.sync_ran = False
         self.close_depth = 0
         self.closed = False
+        #: ids of the in-flight requests cut off: their handlers' errors are expected.
+        self.cut: set[int] = set()
 
     @property
     def is_owner(self) -> bool:

@@ -3,29 +3,36 @@
 The parent binds, listens and accepts. Each accepted connection goes to the least busy
 worker: the descriptor travels over a Unix ``SOCK_SEQPACKET`` socket pair with
 ``SCM_RIGHTS`` (``socket.send_fds``), with the pickled client address as the message. The
-worker runs the request (handler, hooks, error handling) and answers with one byte when
-done, which is how the parent knows how busy each worker is.
+worker runs the request through ``server.run_request`` (layers, hooks, handler, errors)
+and answers with one byte when done, which is how the parent knows how busy each worker
+is. The parent keeps its copy of each connection until then, so that the drain can cut
+it off at its deadline (``server.cut_off``).
 
-Supervision happens on the serving thread: ``service_actions`` reaps a worker that died
-and forks a replacement; a dispatch to a dead worker is retried on another one.
-``server_close()`` shuts the channels down for writing (workers finish what they were
-sent, report it, then exit) and reaps every worker, within ``drain_timeout`` if set, then
-SIGTERM and SIGKILL; requests sent and not reported done count in ``requests_cut_off``.
-A worker whose parent dies sees its channel close and exits.
+Written against sockserve's public strategy contract only (DESIGN.md section 7):
+``after_fork``, ``cut_off``, ``call_hook``, ``run_request`` and the drain helpers of
+``sockserve.concurrency``. Supervision happens on the serving thread: ``service_actions``
+reaps a worker that died and forks a replacement; a dispatch to a dead worker is retried
+on another one. ``server_close()`` shuts the channels down for writing (workers finish
+what they were sent, report it, then exit) and reaps every worker, within
+``drain_timeout`` if set; then the connections still running are cut off, and workers
+that still do not exit get SIGTERM and SIGKILL. A worker whose parent dies sees its
+channel close and exits.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
 import signal
 import socket
 import sys
-import time
 from typing import Any
 
 import attrs
+
+from sockserve.concurrency import drain_deadline, reap, stop_processes
 
 __all__ = ["ProcessPoolMixIn", "PoolOptions"]
 
@@ -33,8 +40,8 @@ log = logging.getLogger("sockserve_processpool")
 
 #: One worker per CPU by default: the handlers' work is what the pool spreads.
 DEFAULT_WORKERS = os.cpu_count() or 2
-#: A SIGTERMed worker gets this long before SIGKILL when the drain deadline has passed.
-TERMINATE_GRACE = 1.0
+#: Sent by the parent at the drain deadline: the worker cuts off its request in flight.
+CUT_OFF_SIGNAL = signal.SIGUSR1
 #: Room for a pickled client address (an AF_UNIX path is at most 108 bytes).
 MESSAGE_SIZE = 4096
 
@@ -57,7 +64,8 @@ class _Worker:
     slot: int
     pid: int
     channel: socket.socket
-    inflight: int = 0
+    #: The parent's copies of the connections sent and not reported done, oldest first.
+    sent: collections.deque[socket.socket] = attrs.field(factory=collections.deque)
 
 
 class ProcessPoolMixIn:
@@ -88,7 +96,7 @@ class ProcessPoolMixIn:
         """Return the process ids of the current workers."""
         return [w.pid for w in self._pool or ()]
 
-    def _spawn(self, slot: int, dispatching: Any = None) -> _Worker:
+    def _spawn(self, slot: int) -> _Worker:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # the worker: never returns
@@ -97,8 +105,8 @@ class ProcessPoolMixIn:
                 parent_end.close()
                 for other in self._pool or ():
                     other.channel.close()  # inherited ends of the other workers' channels
-                if dispatching is not None:
-                    dispatching.close()  # forked mid-dispatch: the connection is not ours
+                    for connection in other.sent:
+                        connection.close()  # the parent's copies: not this worker's
                 status = self._worker_main(slot, child_end)
             except BaseException:
                 log.exception("worker %d (pid %d) failed", slot, os.getpid())
@@ -112,71 +120,63 @@ class ProcessPoolMixIn:
         return _Worker(slot, pid, parent_end)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Hand the connection to the least busy worker; the parent closes its copy."""
+        """Hand the connection to the least busy worker; keep a copy until it is done."""
         self._start_pool()
         self._collect_done()
         message = pickle.dumps(client_address)
         for _ in range(len(self._pool) + 1):
-            worker = min(self._pool, key=lambda w: w.inflight)
+            worker = min(self._pool, key=lambda w: len(w.sent))
             try:
                 socket.send_fds(worker.channel, [message], [request.fileno()])
             except OSError:
-                self._replace(worker, "its channel failed", dispatching=request)
+                self._replace(worker, "its channel failed")
                 continue
-            worker.inflight += 1
-            break
-        else:
-            raise RuntimeError("no worker process could take the request")
-        self.close_request(request)  # type: ignore[attr-defined]
+            worker.sent.append(request)
+            return
+        raise RuntimeError("no worker process could take the request")
 
     def _collect_done(self, workers: list[_Worker] | None = None) -> None:
-        if workers is None:
-            workers = self._pool or []
-        for worker in workers:
+        for worker in self._pool or [] if workers is None else workers:
             while True:
                 try:
                     done = worker.channel.recv(64, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
+                except OSError:  # BlockingIOError: nothing reported yet
                     break
                 if not done:
                     break
-                worker.inflight -= len(done)
+                for _ in done:
+                    if worker.sent:
+                        self.close_request(worker.sent.popleft())
                 # Per slot, across replacements of the worker in that slot.
                 self.worker_requests[worker.slot] = self.worker_requests.get(worker.slot, 0) + len(done)
 
     def service_actions(self) -> None:
         """Account finished requests and replace workers that died."""
-        super().service_actions()  # type: ignore[misc]
+        super().service_actions()
         if not self._pool or self._pool_closing:
             return
         self._collect_done()
-        for worker in list(self._pool):
-            try:
-                pid, status = os.waitpid(worker.pid, os.WNOHANG)
-            except ChildProcessError:
-                pid, status = worker.pid, 0
-            if pid:
-                self._replace(worker, f"it exited with status {os.waitstatus_to_exitcode(status)}", reaped=True)
+        by_pid = {worker.pid: worker for worker in self._pool}
+        for pid, code in reap(set(by_pid)):
+            self._replace(by_pid[pid], f"it exited with status {code}", reaped=True)
 
-    def _replace(
-        self, worker: _Worker, why: str, reaped: bool = False, dispatching: Any = None
-    ) -> None:
+    def _replace(self, worker: _Worker, why: str, reaped: bool = False) -> None:
         log.warning("worker %d (pid %d) is replaced: %s", worker.slot, worker.pid, why)
         worker.channel.close()
+        for connection in worker.sent:  # lost with the worker
+            self.shutdown_request(connection)
         if not reaped:
             try:
                 os.kill(worker.pid, signal.SIGKILL)
-                os.waitpid(worker.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
+            except ProcessLookupError:
                 pass
+            reap({worker.pid}, block=True)
         index = self._pool.index(worker)
-        self._pool[index] = self._spawn(worker.slot, dispatching)
+        self._pool[index] = self._spawn(worker.slot)
 
     def server_close(self) -> None:
         """Close the server, then stop and reap every worker."""
-        super().server_close()  # type: ignore[misc]
+        super().server_close()
         pool, self._pool = self._pool, None
         if not pool:
             return
@@ -186,50 +186,27 @@ class ProcessPoolMixIn:
                 worker.channel.shutdown(socket.SHUT_WR)  # its "done" bytes still come back
             except OSError:
                 pass
+
+        def cut_off() -> None:
+            # Each busy worker cuts off the request it runs (its oldest) and denies the
+            # ones queued behind it; the parent cannot see which, so it counts the first.
+            self._collect_done(pool)
+            busy = [worker for worker in pool if worker.sent]
+            for worker in busy:
+                try:
+                    os.kill(worker.pid, CUT_OFF_SIGNAL)
+                except ProcessLookupError:
+                    pass
+            self.requests_cut_off += len(busy)
+
+        deadline = drain_deadline(self) if self.block_on_close else 0.0
         try:
-            self._stop_workers(pool)
+            stop_processes(self, {w.pid for w in pool}, deadline, cut_off=cut_off)
         finally:
             for worker in pool:
                 worker.channel.close()
-
-    def _stop_workers(self, pool: list[_Worker]) -> None:
-        if self.block_on_close:
-            drain = self.drain_timeout  # type: ignore[attr-defined]
-            deadline = None if drain is None else time.monotonic() + drain
-            pending = self._wait(pool, deadline)
-        else:
-            pending = pool
-        if pending:
-            self._collect_done(pending)
-            # Requests still running (sent and not reported done) are cut off, not workers.
-            self.requests_cut_off += sum(max(0, w.inflight) for w in pending)  # type: ignore[attr-defined]
-            for sig, wait in ((signal.SIGTERM, TERMINATE_GRACE), (signal.SIGKILL, None)):
-                for worker in pending:
-                    try:
-                        os.kill(worker.pid, sig)
-                    except ProcessLookupError:
-                        pass
-                pending = self._wait(
-                    pending, None if wait is None else time.monotonic() + wait
-                )
-                if not pending:
-                    break
-
-    @staticmethod
-    def _wait(workers: list[_Worker], deadline: float | None) -> list[_Worker]:
-        pending = list(workers)
-        while pending:
-            for worker in list(pending):
-                try:
-                    pid, _ = os.waitpid(worker.pid, 0 if deadline is None else os.WNOHANG)
-                except ChildProcessError:
-                    pid = worker.pid
-                if pid:
-                    pending.remove(worker)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(0.01)
-        return pending
+                for connection in worker.sent:
+                    self.close_request(connection)
 
     # ------------------------------------------------------------ worker side
 
@@ -237,19 +214,26 @@ class ProcessPoolMixIn:
         # The parent decides when the pool stops (Ctrl-C reaches the whole process group).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.after_fork()  # this process's own serving state, not the parent's
+        cut = False
+
+        def cut_off(signum: int, frame: Any) -> None:
+            nonlocal cut
+            cut = True
+            self.cut_off(self.in_flight)
+
+        signal.signal(CUT_OFF_SIGNAL, cut_off)
         try:
-            self.socket.close()  # type: ignore[attr-defined]  # only the parent accepts
+            self.socket.close()  # only the parent accepts
         except OSError:
             pass
         self._pool = None
         self._pool_closing = True
-        self.call_hook("serve_start")  # type: ignore[attr-defined]
+        self.call_hook("serve_start")
         try:
             while True:
                 try:
                     message, fds, _, _ = socket.recv_fds(channel, MESSAGE_SIZE, 1)
-                except InterruptedError:
-                    continue
                 except OSError:
                     return 0  # the parent is gone
                 if not message and not fds:
@@ -257,11 +241,14 @@ class ProcessPoolMixIn:
                 client_address = pickle.loads(message)
                 request = socket.socket(fileno=fds[0])
                 try:
-                    self.run_request(request, client_address)  # type: ignore[attr-defined]
+                    if cut:  # past the parent's drain deadline: do not start it
+                        self.deny_request(request, client_address, "closing")
+                    else:
+                        self.run_request(request, client_address)
                 finally:
                     try:
                         channel.send(b"d")
                     except OSError:
                         return 0
         finally:
-            self.call_hook("serve_stop")  # type: ignore[attr-defined]
+            self.call_hook("serve_stop")
