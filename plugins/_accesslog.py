@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator
 from typing import Any
 
 from ..core.hookspecs import hookimpl
@@ -21,13 +20,16 @@ class AccessLog:
     """Log ``client duration outcome`` for every request on logger ``sockserve.access``.
 
     The line is written where the request ran (its thread or child process), at INFO for a
-    request that succeeded and WARNING for one whose handler raised; a request refused by
-    ``verify_request`` (the server's or a plugin's) gets an INFO line from the serving
-    thread, with no duration since no handler ran::
+    request that succeeded and WARNING for one whose handler raised; a request refused
+    after it was accepted (by ``verify_request``, a plugin or a layer, or dropped unrun at
+    close) gets an INFO line where it was refused, with no duration since no handler ran,
+    and the reason when it is not ``verify_request``. The client is the one the layers
+    report (the client behind a PROXY-protocol proxy)::
 
         127.0.0.1:53122 1.42ms ok
         127.0.0.1:53124 0.31ms error ValueError: bad request
         127.0.0.1:53126 - denied
+        127.0.0.1:53128 - denied timeout
     """
 
     #: Listed by ``sockserve plugins`` but only registered when asked for by name.
@@ -39,18 +41,13 @@ class AccessLog:
         # child process), and a thread runs one request at a time.
         self._local = threading.local()
 
-    @hookimpl(wrapper=True)
-    def sockserve_verify_request(
-        self, server: Any, request: Any, client_address: Any
-    ) -> Generator[None, Any, bool]:
-        # A wrapper sees every other plugin's verdict; when none decided, the server's own
-        # verify_request does (as it would without plugins), so every denial is logged.
-        verdict = yield
-        if verdict is None:
-            verdict = bool(server.verify_request(request, client_address))
-        if not verdict:
-            self.logger.info("%s - denied", _show_client(client_address))
-        return verdict
+    @hookimpl
+    def sockserve_request_denied(self, client_address: Any, reason: str) -> None:
+        client = _show_client(client_address)
+        if reason == "verify_request":
+            self.logger.info("%s - denied", client)
+        else:
+            self.logger.info("%s - denied %s", client, reason)
 
     @hookimpl
     def sockserve_request_start(self) -> None:
