@@ -130,14 +130,16 @@ def stop_processes(
 ) -> int:
     """Stop child processes *pids*: wait until *deadline*, then SIGTERM, then SIGKILL.
 
-    With *term_first*, SIGTERM is sent at once (to workers that drain on SIGTERM) and
-    only SIGKILL follows the deadline. *cut_off*, if given, runs at the deadline first
+    With *term_first*, SIGTERM is sent at once (to workers that drain on SIGTERM and
+    enforce the deadline themselves) and SIGKILL follows *grace* seconds after the
+    deadline. *cut_off*, if given, runs at the deadline first
     (shut down the connections the processes still serve: ``server.cut_off(...)`` on
     the parent's copies) and the processes get ``CUT_OFF_GRACE`` seconds to finish
     before any signal. *on_exit* is called with ``(pid, exit code)`` for every child
     reaped. *pids* is empty afterwards.
 
-    :returns: how many processes were still running at the deadline (signalled).
+    :returns: how many processes had to be signalled after the deadline (SIGTERM, or
+        with *term_first* SIGKILL).
     """
 
     def wait(until: float | None) -> None:
@@ -167,8 +169,11 @@ def stop_processes(
         wait(time.monotonic() + grace)
         if pids:
             log.info("%s: killing %d process(es)", name, len(pids))
-    else:
-        log.warning("%s: %s; killing %d process(es)", name, why, late)
+    else:  # they had SIGTERM at the start: a last grace, then SIGKILL
+        wait(time.monotonic() + grace)
+        late = len(pids)
+        if pids:
+            log.warning("%s: %s; killing %d process(es)", name, why, late)
     if pids:
         _signal(pids, signal.SIGKILL)
         for pid, code in reap(pids, block=True):

@@ -216,8 +216,9 @@ class PreforkMixIn:
     def _work(self: Any, slot: int, parent: int, mask: Any) -> int:
         self.after_fork()
         self.worker_id, self._parent, self._children = slot, parent, None
+        stop = _stop_handler(self, worker=True)
         for sig in STOP_SIGNALS:
-            signal.signal(sig, _stop_handler(self))
+            signal.signal(sig, stop)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a stop already sent runs now
         if self.reuse_port:
             self._own_socket()
@@ -254,9 +255,13 @@ class PreforkMixIn:
         return request
 
 
-def _stop_handler(server: Any) -> Any:
-    """SIGTERM / SIGINT: a graceful ``shutdown()``; a second one ends the drain."""
+def _stop_handler(server: Any, worker: bool = False) -> Any:
+    """SIGTERM / SIGINT: a graceful ``shutdown()``; a second one ends the drain at once.
 
+    In a worker, the drain deadline is enforced here too: when ``drain_timeout`` passes
+    (SIGALRM), the requests still in flight are cut off, so that a handler blocked on its
+    connection returns and the worker exits before the parent has to kill it.
+    """
     signals = 0
 
     def stop(signum: int, frame: Any) -> None:
@@ -264,6 +269,11 @@ def _stop_handler(server: Any) -> Any:
         signals += 1
         if signals > 1:
             server.end_drain()
+            if worker:
+                server.cut_off(server.in_flight)
+        elif worker and server.drain_timeout is not None:
+            signal.signal(signal.SIGALRM, lambda *_: server.cut_off(server.in_flight))
+            signal.setitimer(signal.ITIMER_REAL, max(server.drain_timeout, 0.001))
         server.shutdown()  # from the serving thread: returns at once
 
     return stop
