@@ -471,6 +471,13 @@ class Registry:
         :raises PluginLoadError: a plugin is installed but fails to load.
         """
         if options:
+            inner = options.get("inner")
+            if isinstance(inner, str) and inner != "sync":
+                # A strategy that runs another one inside (prefork's workers) names it with
+                # an ``inner`` option; composing it in makes that strategy's options known.
+                inner_mixin = self.load("concurrency", inner)
+                if inner_mixin not in mixins:
+                    mixins = (*mixins, inner_mixin)
             base = self.compose(
                 transport, concurrency, family=family, socket_type=socket_type,
                 mixins=mixins, plugins=plugins,

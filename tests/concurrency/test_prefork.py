@@ -243,7 +243,9 @@ def test_killed_worker_is_replaced_and_its_exit_reported(tmp_path):
 @pytest.mark.parametrize("inner", ["sync", "threadpool"])
 def test_max_requests_recycles_workers(inner, tmp_path):
     log = HookLog(tmp_path / "hooks.log")
-    options = {"workers": 1, "max_requests": 3, "inner": inner, "threads": 2}
+    options = {"workers": 1, "max_requests": 3, "inner": inner}
+    if inner == "threadpool":
+        options["threads"] = 2
     cls = sockserve.compose("tcp", "prefork", plugins=[log], options=options)
     with no_leaks():
         with serving(cls(LOOPBACK, PidHandler)) as server:
