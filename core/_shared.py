@@ -1,0 +1,263 @@
+"""Per-server plugin state, and counters that forked workers add to.
+
+A lifecycle plugin is one object serving many servers, so what it keeps per server goes in
+``plugin_state(server, key, factory)``, not in attributes it invents on the server. What
+must be counted across processes (a forking or prefork server's workers) goes in a
+``SharedCounters``: anonymous shared memory, made before the workers are forked, that every
+descendant process adds to and any of them reads.
+
+How ``SharedCounters`` stays exact without ``multiprocessing`` (whose locks are named
+semaphores in ``/dev/shm``, missing in some containers) and without a lock per add:
+
+- The memory is a table of rows. Each process adds only to its own row, claimed on its
+  first add; its threads take turns through an ordinary ``threading.Lock``. A row has one
+  writer, so no add is lost, and a reader sums the rows.
+- Claiming a row is the only step that needs a lock between processes: a POSIX record lock
+  (``fcntl.lockf``) on one descriptor per process tree (see ``_claim_lock``), which the
+  kernel releases when its holder dies. A row whose owner has exited is reclaimed by the
+  next process that needs one, and keeps its counts.
+- When every row is held by a live process, a process adds to a shared row under that
+  same lock instead: slower, still exact.
+- A forked child forgets its parent's row and lock (``os.register_at_fork``), so it never
+  writes the parent's row and never waits on a lock another thread held at the fork.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Final, TypeVar
+
+__all__ = ["PROCESS_SLOTS", "SharedCounters", "plugin_state"]
+
+T = TypeVar("T")
+
+# --------------------------------------------------------------------------- plugin state
+
+#: The attribute of a server holding its plugin state: key -> value. Core's own name, so
+#: that plugins need none of their own.
+_STATE_ATTR: Final = "_sockserve_plugin_state"
+#: Guards creating a state (rare); reading one takes no lock.
+_state_lock = threading.RLock()
+
+
+def plugin_state(server: object, key: object, factory: Callable[[], T]) -> T:
+    """Return *server*'s state for *key*, made by calling *factory()* the first time.
+
+    A plugin keeps what it needs per server here (counters, a log file, parsed options),
+    under a key of its own: the plugin object itself, or its name. *factory* is called at
+    most once per server and key, also when several threads ask at once.
+
+    The state lives as long as the server object. A forked child starts with a copy of
+    its parent's, like every other Python object; make the state (a ``SharedCounters``)
+    before the fork, at ``sockserve_server_activate``, for the child to share it.
+    """
+    states: dict[object, Any] | None = vars(server).get(_STATE_ATTR)
+    if states is not None:
+        try:
+            return states[key]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+    with _state_lock:
+        states = vars(server).setdefault(_STATE_ATTR, {})
+        assert states is not None
+        if key not in states:
+            states[key] = factory()
+        return states[key]  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- shared counters
+
+#: Rows of a SharedCounters: processes that add to it at once on rows of their own. A
+#: prefork server has one worker per CPU, and the standard ForkingMixIn at most 40
+#: children (max_children); 128 covers both with room. Beyond it adds stay exact, through
+#: the shared row and its lock. A row costs 8 bytes per counter plus 8.
+PROCESS_SLOTS: Final = 128
+
+#: The live counters of this process, told about forks.
+_instances: weakref.WeakSet[SharedCounters] = weakref.WeakSet()
+#: Serializes this process's threads around the lock between processes (a POSIX record
+#: lock is held per process: a second thread taking it would not wait).
+_claim_thread_lock = threading.Lock()
+#: The descriptor of that lock, and the (device, inode) it was opened on.
+_claim_fd: int | None = None
+_claim_id: tuple[int, int] | None = None
+
+
+def _open_claim_fd() -> int:
+    """Return the descriptor the lock between processes is taken on, opening it if needed.
+
+    One per process tree, opened by the first SharedCounters and inherited by every
+    process forked after (close-on-exec, so not by programs they run). It is checked before
+    each use: code that closed every descriptor (a daemonizing library) gets a new one.
+    """
+    global _claim_fd, _claim_id
+    if _claim_fd is not None:
+        try:
+            info = os.fstat(_claim_fd)
+            if (info.st_dev, info.st_ino) == _claim_id:
+                return _claim_fd
+        except OSError:
+            pass
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("sockserve-counters-lock", os.MFD_CLOEXEC)
+    else:  # macOS: an unlinked temporary file does the same
+        fd, path = tempfile.mkstemp(prefix="sockserve-counters-lock-")
+        os.unlink(path)
+    info = os.fstat(fd)
+    _claim_fd, _claim_id = fd, (info.st_dev, info.st_ino)
+    return fd
+
+
+@contextmanager
+def _between_processes() -> Iterator[None]:
+    """Hold the lock shared by every process of this tree (and keep this one's threads out)."""
+    with _claim_thread_lock:
+        fd = _open_claim_fd()
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+class SharedCounters:
+    """Named integer counters that this process and every process it forks add to.
+
+    ::
+
+        counters = SharedCounters(["accepted", "finished"])   # before forking
+        counters.add("accepted")            # in any process, any thread
+        counters.snapshot()                 # {"accepted": 1, "finished": 0}, everyone's
+
+    Make it before the processes that share it are forked (``sockserve_server_activate``
+    runs before any worker exists; keep it with ``plugin_state``). Adds are exact: none is
+    lost, whatever the number of processes and threads. A snapshot taken while others add
+    sees each counter as of a moment during the call; once they are done it is exact.
+
+    Only the creating process tree shares it: it cannot be pickled or sent to an unrelated
+    process. The memory is freed with the last process holding it; ``close()`` frees this
+    process's mapping now.
+
+    :param names: the counters' names, each a non-empty str, no name twice.
+    :param slots: the processes that get a row of their own (see ``PROCESS_SLOTS``).
+    """
+
+    def __init__(self, names: Iterable[str], *, slots: int = PROCESS_SLOTS) -> None:
+        names = tuple(names)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"SharedCounters needs non-empty str names, got {names!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"SharedCounters names repeat: {names!r}")
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be an int >= 1 (got {slots!r})")
+        self._names = names
+        # A row: the owner's pid, then one int64 per counter. Row 0 is the shared row.
+        self._stride = len(names) + 1
+        self._rows = slots + 1
+        self._index = {name: i + 1 for i, name in enumerate(names)}
+        self._map = mmap.mmap(-1, self._stride * self._rows * 8)  # MAP_SHARED | MAP_ANONYMOUS
+        self._view = memoryview(self._map).cast("q")
+        self._lock = threading.Lock()
+        self._row: int | None = None  # offset of this process's row; 0: the shared row
+        _open_claim_fd()  # before any fork, so every process of the tree has the same lock
+        _instances.add(self)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The counters' names, in the order given."""
+        return self._names
+
+    def add(self, name: str, amount: int = 1) -> None:
+        """Add *amount* (may be negative) to counter *name*; safe in any process and thread.
+
+        :raises KeyError: no counter has that name; the message lists them.
+        :raises ValueError: the counters were closed in this process.
+        """
+        try:
+            index = self._index[name]
+        except KeyError:
+            raise KeyError(f"no counter {name!r}; counters: {', '.join(self._names)}") from None
+        with self._lock:
+            row = self._row
+            if row is None:
+                row = self._row = self._claim()
+            if row:
+                self._view[row + index] += amount
+            else:
+                with _between_processes():
+                    self._view[index] += amount
+
+    def snapshot(self) -> dict[str, int]:
+        """Return every counter's total over all processes: name -> value."""
+        view, stride = self._view, self._stride
+        totals = [0] * len(self._names)
+        for row in range(0, stride * self._rows, stride):
+            if row and not view[row]:
+                continue  # never claimed: nothing added
+            for i in range(len(totals)):
+                totals[i] += view[row + 1 + i]
+        return dict(zip(self._names, totals))
+
+    def close(self) -> None:
+        """Unmap the counters in this process (other processes keep theirs)."""
+        _instances.discard(self)
+        self._view.release()
+        self._map.close()
+
+    def __reduce__(self) -> Any:
+        raise TypeError("SharedCounters are shared by forking, not by pickling")
+
+    def __repr__(self) -> str:
+        return f"<SharedCounters {self.snapshot()!r}>"
+
+    def _claim(self) -> int:
+        """Claim a row for this process (called with ``self._lock`` held); 0: none free."""
+        view, stride = self._view, self._stride
+        pid = os.getpid()
+        rows = range(stride, stride * self._rows, stride)
+        with _between_processes():
+            for row in rows:
+                if view[row] == 0:
+                    view[row] = pid
+                    return row
+            for row in rows:
+                owner = view[row]
+                # A row of this pid belongs to an earlier process that had it: this one
+                # has no row yet.
+                if owner == pid or not _alive(owner):
+                    view[row] = pid
+                    return row
+        return 0
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._row = None
+
+
+def _after_fork_in_child() -> None:
+    global _claim_thread_lock, _state_lock
+    _claim_thread_lock = threading.Lock()
+    _state_lock = threading.RLock()
+    for counters in list(_instances):
+        counters._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
