@@ -53,8 +53,12 @@ def __getattr__(name: str) -> Any:
         value = compose(*_STANDARD_CLASSES[name])  # noqa: F405
     elif name in _STANDARD_MIXINS:
         value = registry.load("concurrency", _STANDARD_MIXINS[name])  # noqa: F405
-    else:
+    elif name.startswith("__"):
         raise AttributeError(f"module 'sockserve' has no attribute {name!r}")
+    else:
+        # Any other composed class or built-in mixin (PreforkTCPServer, ThreadpoolMixIn):
+        # not kept here, so that a class composed with plugins goes when unused.
+        return registry.resolve(name)  # noqa: F405
     globals()[name] = value
     return value
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 from ._errors import PluginClashWarning, PluginLoadError, SockserveError
 from ._hooks import block_plugins
 from ._options import with_options
-from ._registry import KINDS, registry
+from ._registry import registry
 from ._server import LISTEN_BACKLOG
 
 __all__ = ["main", "parse_address"]
@@ -97,6 +98,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--transport", "-t", help="transport plugin (default tcp, or unix for unix:PATH)")
     serve.add_argument("--concurrency", "-c", default="threading",
                        help="concurrency plugin (default threading)")
+    serve.add_argument("--layer", "-l", action="append", default=[],
+                       help="add a per-connection layer by name, in order (repeatable)")
     serve.add_argument("--plugin", "-p", action="append", default=[],
                        help="enable a lifecycle plugin by name, or block an auto-loaded one "
                        "with no:NAME (repeatable)")
@@ -114,7 +117,11 @@ def _serve(args: argparse.Namespace) -> int:
     # blocked plugin is not even imported.
     block_plugins(name[3:] for name in args.plugin if name.startswith("no:"))
     plugins = [registry.load("plugin", name) for name in args.plugin if not name.startswith("no:")]
-    base = registry.compose(transport, args.concurrency, plugins=plugins)
+    # An inner strategy (prefork's ``inner``) is composed in, so that its options exist.
+    inner = [text.partition("=")[2].strip() for text in args.option
+             if text.partition("=")[0].strip() == "inner"]
+    base = registry.compose(transport, args.concurrency, layers=args.layer, plugins=plugins,
+                            options={"inner": inner[-1]} if inner else None)
     settings: dict[str, Any] = {
         "request_queue_size": SERVE_BACKLOG,
         "drain_timeout": SERVE_DRAIN_TIMEOUT,
@@ -131,10 +138,20 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with server_class(address, handler) as server:
         stopping = []
+        installer = os.getpid()
 
         def stop(signum: int, frame: Any) -> None:
+            if os.getpid() != installer:
+                # A forked child (forking strategy) inherited this handler: it is not the
+                # command line, so the signal does what it would have done.
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
             if stopping:  # a second signal: stop waiting for in-flight requests
-                raise KeyboardInterrupt
+                print("sockserve: second signal; not waiting for in-flight requests",
+                      file=sys.stderr, flush=True)
+                server.end_drain()
+                return
             stopping.append(signum)
             server.shutdown()  # from the serving thread: returns at once, the loop ends
 
@@ -161,44 +178,39 @@ def _show(address: Any) -> str:
     return f"unix:{address!r}" if isinstance(address, bytes) or "\0" in str(address) else f"unix:{address}"
 
 
-_KIND_TITLES = {
-    "family": "address families",
-    "socket_type": "socket types",
-    "transport": "transports",
-    "concurrency": "concurrency strategies",
-    "plugin": "lifecycle plugins",
-}
-
-
 def _plugins(out: Any = None) -> int:
     out = out or sys.stdout
     with warnings.catch_warnings():
         # Printed below with the listing: one message per clash, not a warning as well.
         warnings.simplefilter("ignore", PluginClashWarning)
-        for kind in KINDS:
-            registry.names(kind)  # discover first: clashes are found by discovery
+        for kind in registry.kinds():
+            registry.names(kind.name)  # discover first: clashes are found by discovery
     for message in registry.clashes:
         print(f"warning: {message}", file=out)
     rows = []
-    for kind in KINDS:
-        for name in registry.names(kind):
-            info = registry.info(kind, name)
+    for kind in registry.kinds():
+        for name in registry.names(kind.name):
+            info = registry.info(kind.name, name)
             dist = info.describe_distribution() or "(built-in, no installed metadata)"
+            description = ""
             try:
-                registry.load(kind, name)
+                plugin = registry.load(kind.name, name)
                 status = ""
+                description = getattr(plugin, "description", None) or ""
             except PluginLoadError as exc:
                 status = f"  [FAILED: {type(exc.cause).__name__}: {exc.cause}]"
-            rows.append((kind, name, dist, info.value + status))
+            rows.append((kind.name, name, dist, info.value + status, description))
     name_width = max((len(r[1]) for r in rows), default=0)
     dist_width = max((len(r[2]) for r in rows), default=0)
-    for kind in KINDS:
-        print(f"{_KIND_TITLES[kind]} ({KINDS[kind]}):", file=out)
-        mine = [r for r in rows if r[0] == kind]
+    for kind in registry.kinds():
+        print(f"{kind.title} ({kind.group}):", file=out)
+        mine = [r for r in rows if r[0] == kind.name]
         if not mine:
             print("  (none installed)", file=out)
-        for _, name, dist, value in mine:
+        for _, name, dist, value, description in mine:
             print(f"  {name:<{name_width}}  {dist:<{dist_width}}  {value}", file=out)
+            if isinstance(description, str) and description:
+                print(f"  {'':<{name_width}}  {description}", file=out)
     return 0
 
 

@@ -21,7 +21,10 @@ import pluggy
 from . import hookspecs
 from ._errors import HookError, PluginLoadError, PluginLoadWarning
 
-__all__ = ["HookRelay", "get_plugin_manager", "block_plugins", "relay_for", "call_hook", "AUTOLOAD_ENV"]
+__all__ = [
+    "AUTOLOAD_ENV", "HookRelay", "block_plugins", "call_hook", "get_plugin_manager", "relay_for",
+    "set_autoload_source",
+]
 
 #: Environment variable that stops automatic loading of the ``sockserve.plugins`` group.
 AUTOLOAD_ENV = "SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD"
@@ -111,7 +114,19 @@ def block_plugins(names: Iterable[str]) -> None:
     if manager is not None:
         for name in names:
             manager.set_blocked(name)
-_relays: dict[tuple[int, ...], HookRelay] = {}
+#: Where auto-loaded plugins come from: the default registry, which sets itself here when
+#: its module is imported (``set_autoload_source``), so that this module imports no
+#: registry (core's modules import each other in no circle).
+_source: Any = None
+#: The relay of the classes that add no plugins of their own.
+_global_relay: HookRelay | None = None
+
+
+def set_autoload_source(source: Any) -> None:
+    """Auto-load ``sockserve.plugins`` from *source*: an object with ``names(kind)`` and
+    ``load(kind, name)`` (a ``Registry``)."""
+    global _source
+    _source = source
 
 
 def get_plugin_manager() -> PluginManager:
@@ -140,8 +155,9 @@ def _autoload(manager: PluginManager) -> None:
     whose object says ``sockserve_autoload = False`` (opt-in by name, like the shipped
     ``access-log`` and ``stats``).
     """
-    from ._registry import registry
-
+    registry = _source
+    if registry is None:
+        return
     blocked = {n.strip() for n in os.environ.get(BLOCK_ENV, "").split(",") if n.strip()} | _blocked
     for name in blocked:
         manager.set_blocked(name)
@@ -159,19 +175,27 @@ def _autoload(manager: PluginManager) -> None:
             manager.register(plugin, name)
 
 
-def relay_for(class_plugins: Iterable[object] = ()) -> HookRelay:
-    """Return the shared relay for servers whose class adds *class_plugins*."""
-    plugins = tuple(class_plugins)
-    key = tuple(id(p) for p in plugins)
-    relay = _relays.get(key)
-    if relay is None:
-        manager = get_plugin_manager()
-        with manager._relay_lock:
-            relay = _relays.get(key)
-            if relay is None:
-                relay = HookRelay(manager, plugins)
-                manager._relays.add(relay)
-                _relays[key] = relay
+def relay_for(server_class: type) -> HookRelay:
+    """Return the relay for servers of *server_class* (its ``_sockserve_plugins`` added).
+
+    Classes without plugins of their own share one relay. A class with some keeps its own,
+    on the class: it goes when the class goes.
+    """
+    global _global_relay
+    plugins: tuple[object, ...] = tuple(getattr(server_class, "_sockserve_plugins", ()))
+    relay = _global_relay if not plugins else vars(server_class).get("_sockserve_relay")
+    if relay is not None and relay._class_plugins == plugins:
+        return relay
+    manager = get_plugin_manager()
+    with manager._relay_lock:
+        relay = _global_relay if not plugins else vars(server_class).get("_sockserve_relay")
+        if relay is None or relay._class_plugins != plugins:
+            relay = HookRelay(manager, plugins)
+            manager._relays.add(relay)
+            if plugins:
+                type.__setattr__(server_class, "_sockserve_relay", relay)
+            else:
+                _global_relay = relay
     return relay
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import attrs
 
 if TYPE_CHECKING:
-    from ._server import BaseServer
+    from ._contract import Server
 
 __all__ = ["AddressFamily", "SocketType", "Transport", "ConcurrencyMixIn"]
 
@@ -37,14 +37,14 @@ class AddressFamily:
         """Return the ``AF_*`` to create the socket with for *address*."""
         return self.address_family
 
-    def before_bind(self, server: BaseServer) -> None:
+    def before_bind(self, server: Server) -> None:
         """Prepare ``server.socket`` before it is bound to ``server.server_address``."""
 
-    def bound_address(self, server: BaseServer) -> Any:
+    def bound_address(self, server: Server) -> Any:
         """Return the address to store as ``server.server_address`` after binding."""
         return server.socket.getsockname()  # type: ignore[attr-defined]
 
-    def release(self, server: BaseServer) -> None:
+    def release(self, server: Server) -> None:
         """Release what binding created (a socket file, say) when the server closes."""
 
     def __repr__(self) -> str:

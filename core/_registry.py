@@ -7,67 +7,131 @@ classes are cached: the same arguments give the same class object.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
+import types
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import importlib_metadata
 
+from ._hooks import set_autoload_source
 from ._errors import PluginClashWarning, PluginLoadError, UnknownPluginError
 from ._options import with_options
 from ._plugin_types import AddressFamily, Transport
 
-__all__ = ["Registry", "PluginInfo", "registry", "compose", "KINDS"]
+__all__ = ["KINDS", "TABLE", "Kind", "PluginInfo", "Registry", "compose", "registry"]
 
-#: Plugin kind -> entry-point group (DESIGN.md section 3).
-KINDS: dict[str, str] = {
-    "family": "sockserve.families",
-    "socket_type": "sockserve.socket_types",
-    "transport": "sockserve.transports",
-    "concurrency": "sockserve.concurrency",
-    "plugin": "sockserve.plugins",
-}
+def _check_family(plugin: Any) -> Any:
+    if isinstance(plugin, type) and issubclass(plugin, AddressFamily):
+        plugin = plugin()
+    if not (hasattr(plugin, "address_family") and hasattr(plugin, "check_address")):
+        raise TypeError(f"{plugin!r} is not an address family (see sockserve.AddressFamily)")
+    return plugin
 
-#: Our own distribution's name; its plugins win a name clash.
-DISTRIBUTION = "sockserve"
 
-#: A copy of the entry points in our pyproject.toml, used only when sockserve runs
-#: without installed metadata (vendored). tests/core/test_registry.py keeps them equal.
-BUILTIN_ENTRY_POINTS: dict[str, dict[str, str]] = {
-    "sockserve.families": {
+def _check_socket_type(plugin: Any) -> Any:
+    if not isinstance(getattr(plugin, "server_class", None), type):
+        raise TypeError(f"{plugin!r} is not a socket type (see sockserve.SocketType)")
+    return plugin
+
+
+def _check_transport(plugin: Any) -> Any:
+    if not all(hasattr(plugin, a) for a in ("family", "socket_type", "stem")):
+        raise TypeError(f"{plugin!r} is not a transport (see sockserve.Transport)")
+    return plugin
+
+
+def _check_mixin(plugin: Any) -> Any:
+    if not isinstance(plugin, type):
+        raise TypeError(f"{plugin!r} is not a mixin class")
+    return plugin
+
+
+def _check_layer(plugin: Any) -> Any:
+    if not isinstance(plugin, type) or not any(
+        "prepare_request" in vars(klass) for klass in plugin.__mro__[:-1]
+    ):
+        raise TypeError(f"{plugin!r} is not a layer: a mixin class overriding prepare_request")
+    return plugin
+
+
+def _check_any(plugin: Any) -> Any:
+    return plugin
+
+
+@attrs.frozen
+class Kind:
+    """One kind of plugin: a row of the registry's table (DESIGN.md section 3).
+
+    A new kind of plugin is one more row: the registry discovers, checks, loads, lists
+    and reports it like every other.
+    """
+
+    #: The kind's name, as ``registry.names(kind)`` takes it: ``"transport"``.
+    name: str
+    #: The entry-point group: ``"sockserve.transports"``.
+    group: str
+    #: How messages name it: "no transport plugin named ...".
+    label: str
+    #: The heading of its part of ``sockserve plugins``: "transports".
+    title: str
+    #: Called with a loaded plugin; returns it (or what to keep instead, e.g. an instance
+    #: of a family class) or raises TypeError saying what the kind expects.
+    check: Callable[[Any], Any] = _check_any
+    #: sockserve's own entry points of this group, for running without installed metadata
+    #: (vendored). tests/core/test_registry.py keeps them equal to pyproject.toml's.
+    builtins: Mapping[str, str] = attrs.field(factory=dict)
+
+
+#: The plugin kinds, in the order ``sockserve plugins`` lists them.
+TABLE: tuple[Kind, ...] = (
+    Kind("family", "sockserve.families", "address family", "address families", _check_family, {
         "inet": "sockserve.transports._inet:INET",
         "inet6": "sockserve.transports._inet:INET6",
         "unix": "sockserve.transports._unix:UNIX",
-    },
-    "sockserve.socket_types": {
+    }),
+    Kind("socket_type", "sockserve.socket_types", "socket type", "socket types", _check_socket_type, {
         "stream": "sockserve.transports._stream:STREAM",
         "dgram": "sockserve.transports._dgram:DGRAM",
-    },
-    "sockserve.transports": {
+    }),
+    Kind("transport", "sockserve.transports", "transport", "transports", _check_transport, {
         "tcp": "sockserve.transports._pairs:TCP",
         "tcp6": "sockserve.transports._pairs:TCP6",
         "udp": "sockserve.transports._pairs:UDP",
         "udp6": "sockserve.transports._pairs:UDP6",
         "unix": "sockserve.transports._pairs:UNIX_STREAM",
         "unix-dgram": "sockserve.transports._pairs:UNIX_DGRAM",
-    },
-    "sockserve.concurrency": {
+    }),
+    Kind("layer", "sockserve.layers", "layer", "layers", _check_layer, {}),
+    Kind("concurrency", "sockserve.concurrency", "concurrency", "concurrency strategies", _check_mixin, {
         "sync": "sockserve.concurrency._sync:SyncMixIn",
         "threading": "sockserve.concurrency._threading:ThreadingMixIn",
         "forking": "sockserve.concurrency._forking:ForkingMixIn",
         "threadpool": "sockserve.concurrency._threadpool:ThreadpoolMixIn",
         "prefork": "sockserve.concurrency._prefork:PreforkMixIn",
-    },
-    "sockserve.plugins": {
+    }),
+    Kind("plugin", "sockserve.plugins", "lifecycle", "lifecycle plugins", _check_any, {
         "access-log": "sockserve.plugins._accesslog:ACCESS_LOG",
         "stats": "sockserve.plugins._stats:STATS",
-    },
-}
+    }),
+)
+
+#: Plugin kind -> entry-point group.
+KINDS: dict[str, str] = {kind.name: kind.group for kind in TABLE}
+#: Entry-point group -> sockserve's own entry points (see ``Kind.builtins``).
+BUILTIN_ENTRY_POINTS: dict[str, dict[str, str]] = {kind.group: dict(kind.builtins) for kind in TABLE}
+#: Plugin kind -> how messages name it.
+LABELS: dict[str, str] = {kind.name: kind.label for kind in TABLE}
+
+#: Our own distribution's name; its plugins win a name clash.
+DISTRIBUTION = "sockserve"
 
 _CLASS_KEYS = frozenset(
     {"__module__", "__doc__", "__qualname__", "__dict__", "__weakref__", "__annotations__",
@@ -105,20 +169,6 @@ class PluginInfo:
         if self.distribution is None:
             return None
         return f"{self.distribution} {self.version}" if self.version else self.distribution
-
-
-#: How messages name each kind: "no transport plugin named ...".
-LABELS: dict[str, str] = {
-    "family": "address family",
-    "socket_type": "socket type",
-    "transport": "transport",
-    "concurrency": "concurrency",
-    "plugin": "lifecycle",
-}
-
-
-def _label(kind: str) -> str:
-    return LABELS.get(kind, kind.replace("_", " "))
 
 
 def _is_own(dist_name: str | None) -> bool:
@@ -166,16 +216,28 @@ class _UncheckedFamily(AddressFamily):
 class Registry:
     """Discovers, loads and composes plugins of every kind.
 
-    :param kinds: plugin kind -> entry-point group.
-    :param builtins: fallback entry points for running without installed metadata.
+    :param kinds: the plugin kinds (``TABLE``, the default): ``Kind`` rows, or a mapping
+        of kind name -> entry-point group (plugins of such a kind are not checked).
+    :param builtins: fallback entry points for running without installed metadata:
+        entry-point group -> name -> ``module:attr`` (default: each kind's ``builtins``).
     """
 
     def __init__(
         self,
-        kinds: dict[str, str] | None = None,
-        builtins: dict[str, dict[str, str]] | None = None,
+        kinds: Iterable[Kind] | Mapping[str, str] | None = None,
+        builtins: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
-        self._kinds = dict(KINDS if kinds is None else kinds)
+        if kinds is None:
+            rows: Iterable[Kind] = TABLE
+        elif isinstance(kinds, Mapping):
+            rows = []
+            for name, group in kinds.items():
+                label = LABELS.get(name, name.replace("_", " "))
+                rows.append(Kind(name, group, label, f"{label} plugins"))
+        else:
+            rows = kinds
+        self._table: dict[str, Kind] = {row.name: row for row in rows}
+        self._kinds = {row.name: row.group for row in self._table.values()}
         self._builtins = BUILTIN_ENTRY_POINTS if builtins is None else builtins
         self._lock = threading.RLock()
         self._infos: dict[str, dict[str, PluginInfo]] | None = None
@@ -184,6 +246,8 @@ class Registry:
         self._failed: dict[tuple[str, str], PluginLoadError] = {}
         self._classes: dict[tuple[Any, ...], type] = {}
         self._transport_classes: dict[str, type] = {}
+        #: (kind, name) -> the keys of the compositions that use that plugin.
+        self._uses: dict[tuple[str, str], set[Any]] = {}
         self._families_by_af: dict[int, AddressFamily] = {}
         #: Name clashes found during discovery, one message each.
         self.clashes: list[str] = []
@@ -250,6 +314,10 @@ class Registry:
             self._failed.clear()
             self._families_by_af.clear()
 
+    def kinds(self) -> list[Kind]:
+        """Return the plugin kinds this registry knows, in listing order."""
+        return list(self._table.values())
+
     def _check_kind(self, kind: str) -> None:
         if kind not in self._kinds:
             error = UnknownPluginError("plugin kind", kind, self._kinds)
@@ -274,7 +342,7 @@ class Registry:
             return added
         info = self._discover()[kind].get(name)
         if info is None:
-            raise UnknownPluginError(_label(kind), name, self.names(kind))
+            raise UnknownPluginError(self._table[kind].label, name, self.names(kind))
         return info
 
     def add(self, kind: str, name: str, plugin: Any) -> None:
@@ -295,7 +363,7 @@ class Registry:
         with self._lock:
             if (kind, name) not in self._added:
                 raise UnknownPluginError(
-                    _label(kind), name, [n for k, n in self._added if k == kind]
+                    self._table[kind].label, name, [n for k, n in self._added if k == kind]
                 )
             del self._added[(kind, name)]
             self._loaded.pop((kind, name), None)
@@ -303,10 +371,8 @@ class Registry:
             # Classes composed from the removed plugin must not outlive it.
             if kind == "transport":
                 self._transport_classes.pop(name, None)
-            position = {"transport": 0, "concurrency": 1}.get(kind)
-            if position is not None:
-                for key in [k for k in self._classes if k[position] == name]:
-                    del self._classes[key]
+            for key in self._uses.pop((kind, name), ()):
+                self._classes.pop(key, None)
 
     def load(self, kind: str, name: str) -> Any:
         """Import and return plugin *name* of *kind* (cached).
@@ -330,7 +396,7 @@ class Registry:
                 plugin = self._validate(kind, name, info.entry_point.load())
             except Exception as exc:
                 error = PluginLoadError(
-                    _label(kind),
+                    self._table[kind].label,
                     name,
                     info.describe_entry_point(),
                     info.describe_distribution(),
@@ -343,23 +409,8 @@ class Registry:
             self._loaded[key] = plugin
             return plugin
 
-    @staticmethod
-    def _validate(kind: str, name: str, plugin: Any) -> Any:
-        if kind == "family":
-            if isinstance(plugin, type) and issubclass(plugin, AddressFamily):
-                plugin = plugin()
-            if not (hasattr(plugin, "address_family") and hasattr(plugin, "check_address")):
-                raise TypeError(f"{plugin!r} is not an address family (see sockserve.AddressFamily)")
-        elif kind == "socket_type":
-            if not isinstance(getattr(plugin, "server_class", None), type):
-                raise TypeError(f"{plugin!r} is not a socket type (see sockserve.SocketType)")
-        elif kind == "transport":
-            if not all(hasattr(plugin, a) for a in ("family", "socket_type", "stem")):
-                raise TypeError(f"{plugin!r} is not a transport (see sockserve.Transport)")
-        elif kind == "concurrency":
-            if not isinstance(plugin, type):
-                raise TypeError(f"{plugin!r} is not a mixin class")
-        return plugin
+    def _validate(self, kind: str, name: str, plugin: Any) -> Any:
+        return self._table[kind].check(plugin)
 
     def failures(self) -> dict[tuple[str, str], PluginLoadError]:
         """Try to load every installed plugin; return the ones that fail, by (kind, name)."""
@@ -398,7 +449,12 @@ class Registry:
     # ------------------------------------------------------------------ composing
 
     def transport_class(self, transport: str | Transport) -> type:
-        """Return the server class for *transport* (``TCPServer`` for ``"tcp"``)."""
+        """Return the server class for *transport* (``TCPServer`` for ``"tcp"``).
+
+        The class is bound to its address family plugin and to this registry
+        (``sockserve_family``, ``sockserve_registry``): constructing a server looks
+        nothing up.
+        """
         key = transport if isinstance(transport, str) else transport.name
         cls = self._transport_classes.get(key)
         if cls is not None:
@@ -410,23 +466,27 @@ class Registry:
         name = f"{spec.stem}Server"
         with self._lock:
             cls = self._transport_classes.get(key)
-            if cls is None:
-                if (
-                    spec.mixin is None
-                    and base.address_family == family.address_family
-                    and base.__name__ == name
-                ):
-                    cls = base
-                else:
-                    bases = (spec.mixin, base) if spec.mixin is not None else (base,)
-                    namespace = {
-                        "__module__": "sockserve",
-                        "__qualname__": name,
-                        "__doc__": spec.description or f"{spec.family} {spec.socket_type} server.",
-                        "address_family": family.address_family,
-                    }
-                    cls = type(name, bases, namespace)
-                self._transport_classes[key] = cls
+            if cls is not None:
+                return cls
+            if (
+                self is registry
+                and spec.mixin is None
+                and base.address_family == family.address_family
+                and base.__name__ == name
+            ):
+                # The socket type's own class is this transport's (TCPServer, UDPServer).
+                cls = base
+                cls.sockserve_family = family
+                cls.sockserve_registry = self
+            else:
+                bases = (spec.mixin, base) if spec.mixin is not None else (base,)
+                cls = self._make_class(name, bases, {
+                    "__doc__": spec.description or f"{spec.family} {spec.socket_type} server.",
+                    "address_family": family.address_family,
+                    "sockserve_family": family,
+                })
+            self._transport_classes[key] = cls
+            self._uses[("transport", key)] = {("transport", key)}
         return cls
 
     def _find_transport(self, family: str, socket_type: str) -> str | Transport:
@@ -449,43 +509,56 @@ class Registry:
         *,
         family: str | None = None,
         socket_type: str | None = None,
+        layers: Sequence[str | type] = (),
         mixins: Sequence[type] = (),
         plugins: Iterable[object] = (),
         options: Mapping[str, Any] | None = None,
     ) -> type:
-        """Return the server class for a transport and a concurrency strategy.
+        """Return the server class for a transport, a concurrency strategy and layers.
 
         ``compose("udp", "threading") is ThreadingUDPServer``. The same arguments give the
-        same class object.
+        same class object, named by its parts (``PreforkThreadpoolTCPServer``), resolvable
+        as ``sockserve.<name>`` and picklable. The MRO is: the concurrency mixin, *mixins*,
+        *layers* in the order given, the transport class.
 
         :param transport: a transport name (default ``"tcp"``); or give *family* and
             *socket_type* instead.
         :param concurrency: a concurrency plugin name, or a mixin class.
-        :param mixins: extra mixin classes, placed after the concurrency mixin and before
-            the transport class in the MRO.
-        :param plugins: lifecycle plugins that apply to servers of this class only.
+        :param layers: per-connection layers (names of ``sockserve.layers`` plugins, or
+            layer classes); the first one sees the raw connection first.
+        :param mixins: extra mixin classes, placed after the concurrency mixin.
+        :param plugins: lifecycle plugins that apply to servers of this class only; the
+            class is named apart from the plain one (``TCPServerWithRecorder``).
         :param options: settings of the class (``{"workers": 4}``), checked against what
-            the transport, strategy and plugins declare; gives a subclass (not cached).
+            the transport, strategy, layers and plugins declare; gives a subclass (not
+            cached). An ``inner`` option (prefork's) names a strategy composed in as if
+            given in *mixins*, so that its options are known too.
         :raises OptionError: an unknown option or a bad value.
         :raises UnknownPluginError: a name is not installed; the message lists what is.
         :raises PluginLoadError: a plugin is installed but fails to load.
         """
+        mixins = tuple(mixins)
         if options:
             inner = options.get("inner")
             if isinstance(inner, str) and inner != "sync":
-                # A strategy that runs another one inside (prefork's workers) names it with
-                # an ``inner`` option; composing it in makes that strategy's options known.
                 inner_mixin = self.load("concurrency", inner)
                 if inner_mixin not in mixins:
                     mixins = (*mixins, inner_mixin)
             base = self.compose(
                 transport, concurrency, family=family, socket_type=socket_type,
-                mixins=mixins, plugins=plugins,
+                layers=layers, mixins=mixins, plugins=plugins,
             )
-            return with_options(base, options)
+            derived = with_options(base, options)
+            if derived is not base and derived.__module__ == "sockserve":
+                # Its own name, so that it pickles (in this process: options are values,
+                # not parts a name can spell).
+                derived.__qualname__ = _claim_name(base.__qualname__, default=False)
+                _composed[derived.__qualname__] = derived
+            return derived
         plugins = tuple(plugins)
-        mixins = tuple(mixins)
-        key = (transport, concurrency, family, socket_type, mixins, tuple(map(id, plugins)))
+        layers = tuple(layers)
+        key = (transport, concurrency, family, socket_type, layers, mixins,
+               tuple(map(id, plugins)))
         cls = self._classes.get(key)
         if cls is not None:
             return cls
@@ -497,44 +570,153 @@ class Registry:
             else:
                 transport = self._find_transport(family or "inet", socket_type or "stream")
             # One class per composition, however the transport was named.
-            canonical = (transport, concurrency, None, None, mixins, key[5])
+            canonical = (transport, concurrency, None, None, layers, mixins, key[6])
             cls = self._classes.get(canonical)
             if cls is not None:
                 self._classes[key] = cls
                 return cls
             key = canonical
         base = self.transport_class(transport)
+        uses = {("transport", transport if isinstance(transport, str) else transport.name)}
         if isinstance(concurrency, str):
             mixin = self.load("concurrency", concurrency)
+            uses.add(("concurrency", concurrency))
         else:
             mixin = concurrency
+        layer_classes = []
+        for layer in layers:
+            if isinstance(layer, str):
+                layer_classes.append(self.load("layer", layer))
+                uses.add(("layer", layer))
+            else:
+                layer_classes.append(_check_layer(layer))
         adds_nothing = mixin.__bases__ == (object,) and set(vars(mixin)) <= _CLASS_KEYS
         with self._lock:
             cls = self._classes.get(key)
             if cls is not None:
                 return cls
-            if adds_nothing and not mixins and not plugins:
+            if adds_nothing and not mixins and not layer_classes and not plugins:
                 cls = base
             else:
-                prefix = "" if adds_nothing else _prefix(mixin)
-                name = prefix + "".join(_prefix(m) for m in mixins) + base.__name__
-                bases = ((() if adds_nothing else (mixin,)) + mixins + (base,))
+                parts = (() if adds_nothing else (mixin,)) + mixins + tuple(layer_classes)
+                name = "".join(_prefix(m) for m in parts) + base.__name__
                 namespace: dict[str, Any] = {
-                    "__module__": "sockserve",
-                    "__qualname__": name,
-                    "__doc__": f"{base.__name__} served with {mixin.__name__} "
-                    "(composed by sockserve.compose).",
+                    "__doc__": f"{base.__name__} served with {mixin.__name__}"
+                    + "".join(f", {m.__name__}" for m in parts[1:])
+                    + " (composed by sockserve.compose).",
                 }
                 if plugins:
+                    name += "With" + "".join(_plugin_stem(p) for p in plugins)
                     namespace["_sockserve_plugins"] = base._sockserve_plugins + plugins
-                cls = type(name, bases, namespace)
+                cls = self._make_class(name, (*parts, base), namespace)
             self._classes[key] = cls
+            for use in uses:
+                self._uses.setdefault(use, set()).add(key)
         return cls
+
+    def _make_class(self, name: str, bases: tuple[type, ...], namespace: dict[str, Any]) -> type:
+        """Make a composed class, bound to this registry, under a name of its own in
+        ``sockserve`` (so that it resolves there and pickles)."""
+        public = _claim_name(name, default=self is registry)
+        namespace = {"__module__": "sockserve", "__qualname__": public,
+                     "sockserve_registry": self, **namespace}
+        cls = type(name, bases, namespace)
+        _composed[public] = cls
+        return cls
+
+    def resolve(self, name: str) -> type:
+        """Return the class ``sockserve.<name>`` names: a composed class or a mixin.
+
+        A class composed in this process is found by its name; a name not composed yet is
+        read as its parts (``PreforkThreadpoolTCPServer``: prefork, then threadpool, on
+        tcp) and composed, so that a pickled class loads in a new process.
+
+        :raises AttributeError: no composition or plugin gives that name.
+        """
+        cls = _composed.get(name)
+        if cls is not None:
+            return cls
+        for kind in ("concurrency", "layer"):
+            for plugin_name in self.names(kind):
+                with contextlib.suppress(PluginLoadError):
+                    plugin = self.load(kind, plugin_name)
+                    if plugin.__name__ == name and plugin.__module__ == "sockserve":
+                        return plugin  # type: ignore[no-any-return]
+        cls = self._compose_by_name(name)
+        if cls is None:
+            raise AttributeError(f"module 'sockserve' has no attribute {name!r}")
+        return cls
+
+    def _compose_by_name(self, name: str) -> type | None:
+        def loaded(kind: str) -> dict[str, Any]:
+            found = {}
+            for plugin_name in self.names(kind):
+                with contextlib.suppress(PluginLoadError):
+                    found[plugin_name] = self.load(kind, plugin_name)
+            return found
+
+        for transport, spec in loaded("transport").items():
+            tail = f"{spec.stem}Server"
+            if not name.endswith(tail):
+                continue
+            strategies = {_prefix(m): m for m in loaded("concurrency").values()}
+            layers = {_prefix(m): m for m in loaded("layer").values()}
+            for parts in _split(name[: -len(tail)], {**strategies, **layers}):
+                mixins = [m for m in parts if m in strategies.values()]
+                chosen = [m for m in parts if m not in strategies.values()]
+                if mixins != parts[: len(mixins)]:
+                    continue  # strategies come before layers
+                concurrency: str | type = mixins.pop(0) if mixins else "sync"
+                cls = self.compose(transport, concurrency, mixins=mixins, layers=chosen)
+                if cls.__qualname__ == name:
+                    return cls
+        return None
+
+
+def _split(text: str, prefixes: Mapping[str, type]) -> Iterable[list[type]]:
+    """Every way of reading *text* as a sequence of *prefixes*."""
+    if not text:
+        yield []
+        return
+    for prefix, mixin in prefixes.items():
+        if prefix and text.startswith(prefix):
+            for rest in _split(text[len(prefix):], prefixes):
+                yield [mixin, *rest]
+
+
+#: Composed classes by their name in ``sockserve``; a class goes when nothing uses it.
+_composed: weakref.WeakValueDictionary[str, type] = weakref.WeakValueDictionary()
+
+
+def _claim_name(name: str, *, default: bool) -> str:
+    """Return a name under ``sockserve`` for a new class called *name*.
+
+    The default registry's compositions get their plain names; another registry's, and a
+    second composition of one name (with other plugins), get a number after it.
+    """
+    if default and name not in _composed:
+        return name
+    number = 2
+    while f"{name}_{number}" in _composed:
+        number += 1
+    return f"{name}_{number}"
+
+
+def _plugin_stem(plugin: object) -> str:
+    """A plugin's name in a class name: ``Recorder`` for a Recorder(), ``Stats`` for a module."""
+    if isinstance(plugin, types.ModuleType):
+        raw = plugin.__name__.rpartition(".")[2]
+    elif isinstance(plugin, type):
+        raw = plugin.__name__
+    else:
+        raw = type(plugin).__name__
+    words = [w for w in raw.replace("-", "_").split("_") if w]
+    return "".join(w[:1].upper() + w[1:] for w in words) or "Plugin"
 
 
 def _prefix(mixin: type) -> str:
     name = mixin.__name__
-    for suffix in ("MixIn", "Mixin"):
+    for suffix in ("MixIn", "Mixin", "Layer"):
         if name.endswith(suffix) and name != suffix:
             return name[: -len(suffix)]
     return name
@@ -544,3 +726,4 @@ def _prefix(mixin: type) -> str:
 registry = Registry()
 #: ``registry.compose`` of the default registry.
 compose = registry.compose
+set_autoload_source(registry)

@@ -151,7 +151,7 @@ class BaseServer:
         #: Requests refused after they were accepted, by reason (``verify_request``,
         #: a layer's reason such as ``timeout``, ``closing`` for those dropped unrun).
         self.requests_denied: collections.Counter[str] = collections.Counter()
-        self._sockserve_hooks: HookRelay = relay_for(type(self)._sockserve_plugins)
+        self._sockserve_hooks: HookRelay = relay_for(type(self))
         self._sockserve_state = ServingState()
 
     def server_activate(self) -> None:

@@ -231,7 +231,7 @@ def test_disable_autoload_stops_autoloading_but_a_plugin_asked_for_by_name_still
     assert result["imported_before"] is False
     assert result["registered"] == []
     # Only the plugin asked for was imported, and it ran for its class only.
-    assert log_lines(tmp_path) == ["import good", "good finished ThreadingTCPServer"]
+    assert log_lines(tmp_path) == ["import good", "good finished ThreadingTCPServerWithHygieneGood"]
 
 
 def test_disable_autoload_still_lets_serve_enable_a_plugin_by_name(site, tmp_path):
@@ -239,7 +239,7 @@ def test_disable_autoload_still_lets_serve_enable_a_plugin_by_name(site, tmp_pat
     with cli_server("127.0.0.1:0", "--plugin", "good", env=env, cwd=tmp_path) as (proc, address):
         assert ask_stream(address, b"by name\n") == b"BY NAME\n"
         stop(proc)
-    assert log_lines(tmp_path) == ["import good", "good finished ThreadingTCPServer"]
+    assert log_lines(tmp_path) == ["import good", "good finished ThreadingTCPServerWithHygieneGood"]
 
 
 @pytest.mark.parametrize("blocked", ["good", " good ,", "good,nonexistent"])

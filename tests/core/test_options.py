@@ -7,6 +7,7 @@ option's declared type, and the class that comes out has the values and serves w
 
 from __future__ import annotations
 
+import pickle
 import socket
 import threading
 
@@ -208,7 +209,11 @@ def test_compose_with_options_gives_a_subclass_with_the_values_that_serves_with_
         "tcp", "threading", options={"daemon_threads": True, "request_queue_size": 7, "drain_timeout": 2.5}
     )
     assert cls is not base and issubclass(cls, base)
-    assert (cls.__name__, cls.__qualname__, cls.__module__) == ("ThreadingTCPServer",) * 2 + ("sockserve",)
+    assert (cls.__name__, cls.__module__) == ("ThreadingTCPServer", "sockserve")
+    # A name of its own in sockserve, so that it pickles.
+    assert cls.__qualname__.startswith("ThreadingTCPServer_")
+    assert getattr(sockserve, cls.__qualname__) is cls
+    assert pickle.loads(pickle.dumps(cls)) is cls
     assert (base.daemon_threads, base.request_queue_size, base.drain_timeout) == (False, 5, None)
     with no_leaks():
         with serving(cls(("127.0.0.1", 0), Settings)) as server:

@@ -377,9 +377,11 @@ def test_unknown_kind_lists_the_kinds():
     with pytest.raises(sockserve.UnknownPluginError) as caught:
         sockserve.registry.names("codec")
     assert caught.value.plugin_name == "codec"
-    assert caught.value.installed == ("concurrency", "family", "plugin", "socket_type", "transport")
+    assert caught.value.installed == (
+        "concurrency", "family", "layer", "plugin", "socket_type", "transport"
+    )
     assert "'codec'" in str(caught.value)
-    assert "concurrency, family, plugin, socket_type, transport" in str(caught.value)
+    assert "concurrency, family, layer, plugin, socket_type, transport" in str(caught.value)
 
 
 # --------------------------------------------------------------------------- broken plugins

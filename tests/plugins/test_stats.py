@@ -181,7 +181,7 @@ def test_serve_with_plugin_stats_prints_the_summary_on_sigterm(tmp_path):
     summary = SUMMARY.match(line.split(" sockserve.stats INFO ", 1)[1])
     assert summary, line
     assert (summary["cls"], summary["accepted"], summary["denied"], summary["finished"],
-            summary["failed"]) == ("ThreadingTCPServer", "3", "0", "3", "0")
+            summary["failed"]) == ("ThreadingTCPServerWithStats", "3", "0", "3", "0")
     buckets = dict(part.split(":") for part in summary["durations"].split())
     assert list(buckets) == BUCKET_LABELS and sum(map(int, buckets.values())) == 3
     assert stderr.rstrip().endswith("sockserve: stopped")
