@@ -147,9 +147,3 @@ def test_the_private_name_check_sees_a_private_name(tmp_path):
         assert len(_private_names(sample)) == 2
     finally:
         sample.unlink()
-
-
-def test_the_prefork_strategy_is_a_supervisor_not_a_second_serve_loop():
-    """At most half of the 365 lines it had when it carried its own loop."""
-    lines = (ROOT / "concurrency" / "_prefork.py").read_text(encoding="utf-8").count("\n")
-    assert lines <= 182
