@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 
 from ..core._contract import Server
-from ..core._options import flag
+from ..core._options import declare_options, flag
 from ._drain import drain_deadline, wait_threads
 
 __all__ = ["ThreadingMixIn"]
@@ -36,12 +36,15 @@ class _RequestThread(threading.Thread):
 
 @attrs.define
 class ThreadingOptions:
-    """Options of the threading strategy."""
+    """Options of the threading strategy (the standard module's defaults)."""
 
-    daemon_threads: bool = flag()
-    block_on_close: bool = flag()
+    #: Make request threads daemon threads (they do not keep the process alive).
+    daemon_threads: bool = flag(default=False)
+    #: server_close() waits for the request threads to finish.
+    block_on_close: bool = flag(default=True)
 
 
+@declare_options(ThreadingOptions)
 class ThreadingMixIn:
     """Handle each request in a new thread.
 
@@ -50,11 +53,9 @@ class ThreadingMixIn:
     running then have their connections shut down (logged and counted).
     """
 
-    sockserve_options = ThreadingOptions
-    #: Make request threads daemon threads (they do not keep the process alive).
-    daemon_threads = False
-    #: server_close() waits for the request threads to finish.
-    block_on_close = True
+    # Class attributes made from ThreadingOptions' defaults (declare_options).
+    daemon_threads: bool
+    block_on_close: bool
     _threads: set[threading.Thread] | None = None
 
     def process_request_thread(self: Server, request: Any, client_address: Any) -> None:
