@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import attrs
 
-from ..core._options import count, flag
+from ..core._options import count, declare_options, flag
 from ._drain import drain_deadline, reap, stop_processes
 
 __all__ = ["ForkingMixIn", "exit_child"]
@@ -27,8 +27,10 @@ MAX_CHILDREN = 40
 class ForkingOptions:
     """Options of the forking strategy."""
 
-    max_children: int = count(1)
-    block_on_close: bool = flag()
+    #: At most this many children at once; beyond it, accepting pauses until one exits.
+    max_children: int = count(1, default=MAX_CHILDREN)
+    #: server_close() waits for the children to exit.
+    block_on_close: bool = flag(default=True)
 
 
 def exit_child(body: Callable[[], int]) -> NoReturn:
@@ -49,6 +51,7 @@ def exit_child(body: Callable[[], int]) -> NoReturn:
             os._exit(status)
 
 
+@declare_options(ForkingOptions)
 class ForkingMixIn:
     """Handle each request in a new child process.
 
@@ -62,14 +65,12 @@ class ForkingMixIn:
     SIGTERM, and SIGKILL a second later).
     """
 
-    sockserve_options = ForkingOptions
     timeout: float | None = TIMEOUT
     #: Process ids of the children not yet reaped (None before the first fork).
     active_children: set[int] | None = None
-    #: At most this many children at once; beyond it, accepting pauses until one exits.
-    max_children = MAX_CHILDREN
-    #: server_close() waits for the children to exit.
-    block_on_close = True
+    # Options (ForkingOptions declares them and their defaults).
+    max_children: int
+    block_on_close: bool
     _at_limit = False
 
     def collect_children(self, *, blocking: bool = False) -> None:

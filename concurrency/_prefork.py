@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 
 from ..core._errors import OptionError
-from ..core._options import count, flag
+from ..core._options import count, declare_options, flag, text
 from ..core._registry import registry
 from ..core._server import LISTEN_BACKLOG
 from ._drain import drain_deadline, reap, stop_processes
@@ -52,28 +52,28 @@ STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 class PreforkOptions:
     """Options of the prefork strategy."""
 
-    workers: int = count(1)
-    inner: str = attrs.field(validator=attrs.validators.instance_of(str))
-    max_requests: int = count(0)
-    reuse_port: bool = flag()
+    #: Number of worker processes.
+    workers: int = count(1, default=WORKERS)
+    #: The concurrency strategy inside each worker, by name, when the class order has
+    #: none: ``"sync"``, ``"threading"``, ``"threadpool"`` or an installed third party's.
+    inner: str = text(default="sync")
+    #: A worker exits and is replaced after this many requests; 0 never.
+    max_requests: int = count(0, default=0)
+    #: Each worker binds its own SO_REUSEPORT socket instead of sharing the parent's.
+    reuse_port: bool = flag(default=False)
 
 
+@declare_options(PreforkOptions)
 class PreforkMixIn:
     """Serve with ``workers`` pre-forked, supervised processes; see the module docstring."""
 
-    sockserve_options = PreforkOptions
-    #: Number of worker processes.
-    workers = WORKERS
-    _workers_are_processes = True
     #: listen() backlog: large, unlike the documented classes' 5 (see LISTEN_BACKLOG).
     request_queue_size = LISTEN_BACKLOG
-    #: The concurrency strategy inside each worker, by name, when the class order has
-    #: none: ``"sync"``, ``"threading"``, ``"threadpool"`` or an installed third party's.
-    inner = "sync"
-    #: A worker exits and is replaced after this many requests; 0 never.
-    max_requests = 0
-    #: Each worker binds its own SO_REUSEPORT socket instead of sharing the parent's.
-    reuse_port = False
+    # Options (PreforkOptions declares them and their defaults).
+    workers: int
+    inner: str
+    max_requests: int
+    reuse_port: bool
     #: The worker's slot in a worker process; None in the parent.
     worker_id: int | None = None
     _children: dict[int, tuple[int, float]] | None = None  # pid -> (slot, started)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import attrs
 
 from ..core._contract import Server
-from ..core._options import count, flag
+from ..core._options import count, declare_options, flag
 from ..core._server import LISTEN_BACKLOG
 from ._drain import drain_deadline
 from ._pool import ThreadPool
@@ -28,12 +27,19 @@ BACKLOG = 64
 class ThreadpoolOptions:
     """Options of the threadpool strategy."""
 
-    threads: int = count(1)
-    backlog: int = count(0)
-    daemon_threads: bool = flag()
-    block_on_close: bool = flag()
+    #: Number of worker threads.
+    threads: int = count(1, default=THREADS)
+    #: Accepted requests that may wait for a thread.
+    backlog: int = count(0, default=BACKLOG)
+    #: Make the worker threads daemon threads.
+    daemon_threads: bool = flag(default=False)
+    #: server_close() waits for queued and running requests.
+    block_on_close: bool = flag(default=True)
+    # 0.1 called the thread count ``workers`` (prefork's ``workers`` counts processes).
+    sockserve_renamed = {"workers": "threads"}
 
 
+@declare_options(ThreadpoolOptions)
 class ThreadpoolMixIn:
     """Handle requests on a fixed pool of ``threads`` threads.
 
@@ -48,30 +54,14 @@ class ThreadpoolMixIn:
     ``workers``, the 0.1 name of ``threads``, still works with a DeprecationWarning.
     """
 
-    sockserve_options = ThreadpoolOptions
-    #: Number of worker threads.
-    threads = THREADS
     #: listen() backlog: large, unlike the documented classes' 5 (see LISTEN_BACKLOG).
     request_queue_size = LISTEN_BACKLOG
-    #: Accepted requests that may wait for a thread.
-    backlog = BACKLOG
-    #: Make the worker threads daemon threads.
-    daemon_threads = False
-    #: server_close() waits for queued and running requests.
-    block_on_close = True
+    # Options (ThreadpoolOptions declares them and their defaults).
+    threads: int
+    backlog: int
+    daemon_threads: bool
+    block_on_close: bool
     _pool: ThreadPool | None = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # 0.1 called the thread count ``workers``; prefork's ``workers`` counts processes.
-        if "workers" in cls.__dict__ and not getattr(cls, "_workers_are_processes", False):
-            warnings.warn(
-                f"{cls.__qualname__}.workers: the threadpool option is now called 'threads'",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            if "threads" not in cls.__dict__:
-                cls.threads = cls.__dict__["workers"]
 
     def _threadpool(self: Any) -> ThreadPool:
         pool = self._pool

@@ -28,7 +28,7 @@ import attrs
 
 from ._errors import DatagramTruncatedError, LayerError
 from ._hooks import HookRelay, call_hook, relay_for
-from ._options import seconds
+from ._options import check_options, declare_options, seconds, settle_options
 from ._state import (
     ACCEPT_BACKOFF_MAX,
     ACCEPT_BACKOFF_MIN,
@@ -65,8 +65,12 @@ else:  # pragma: no cover - Windows
 class ServerOptions:
     """Options of every server (see ``BaseServer``)."""
 
-    timeout: float | None = seconds()
-    drain_timeout: float | None = seconds()
+    #: Seconds handle_request() waits for a request; None waits forever.
+    timeout: float | None = seconds(default=None)
+    #: Seconds shutdown()/server_close() wait for in-flight requests before they are cut
+    #: off (their connections shut down, logged and counted in ``requests_cut_off``).
+    #: None waits as long as they take, which is the standard module's behaviour.
+    drain_timeout: float | None = seconds(default=None)
 
 
 def _closing(close: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -106,6 +110,7 @@ def _drain_end(server: BaseServer) -> str:
     return f"drain deadline of {server.drain_timeout}s passed"
 
 
+@declare_options(ServerOptions)
 class BaseServer:
     """Base class of all servers: the lifecycle without any socket specifics.
 
@@ -122,14 +127,9 @@ class BaseServer:
       ``sockserve.core.hookspecs``.
     """
 
-    #: Seconds handle_request() waits for a request; None waits forever.
-    timeout: float | None = None
-    #: Seconds shutdown()/server_close() wait for in-flight requests before they are cut
-    #: off (their connections shut down, logged and counted in ``requests_cut_off``).
-    #: None waits as long as they take, which is the standard module's behaviour.
-    drain_timeout: float | None = None
-    #: The options this class declares (see ``sockserve.with_options``).
-    sockserve_options = ServerOptions
+    # Options (ServerOptions declares them and their defaults): timeout, drain_timeout.
+    timeout: float | None
+    drain_timeout: float | None
     #: Lifecycle plugins that apply to this class only (set by ``compose(plugins=...)``).
     _sockserve_plugins: tuple[object, ...] = ()
     #: prepare_request is overridden (a layer is present): run_request calls it.
@@ -137,13 +137,19 @@ class BaseServer:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        settle_options(cls)
         cls._sockserve_layered = cls.prepare_request is not BaseServer.prepare_request
         close = cls.server_close
         if not getattr(close, "__sockserve_closing__", False):
             cls.server_close = _closing(close)  # type: ignore[method-assign]
 
     def __init__(self, server_address: Any, RequestHandlerClass: Any) -> None:
-        """Store the address and handler class; subclasses create and bind the socket."""
+        """Store the address and handler class; subclasses create and bind the socket.
+
+        :raises OptionError: a required option is not set, or a check across options fails
+            (before anything is bound).
+        """
+        check_options(self)
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
         #: Requests cut off when the drain deadline passed.

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from ..core._errors import DatagramTruncatedError
-from ..core._options import count
+from ..core._options import count, declare_options
 from ..core._plugin_types import SocketType
 from ._stream import TCPServer
 
@@ -28,18 +28,18 @@ MAX_PACKET_SIZE = 8192
 class DatagramOptions:
     """Options of datagram servers."""
 
-    max_packet_size: int = count(1)
+    #: The largest datagram delivered; larger ones are dropped and reported.
+    max_packet_size: int = count(1, default=MAX_PACKET_SIZE)
 
 
+@declare_options(DatagramOptions)
 class UDPServer(TCPServer):
     """A datagram server: each datagram is one request ``(data, socket)``."""
 
-    sockserve_options = DatagramOptions
     allow_reuse_address = False
     allow_reuse_port = False
     socket_type = socket.SOCK_DGRAM
-    #: The largest datagram delivered; larger ones are dropped and reported.
-    max_packet_size = MAX_PACKET_SIZE
+    max_packet_size: int  # an option (DatagramOptions)
     #: Datagrams dropped for being larger than ``max_packet_size``.
     datagrams_truncated = 0
 

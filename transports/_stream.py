@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from ..core._errors import AddressError, BindError
-from ..core._options import count, flag
+from ..core._options import count, declare_options, flag
 from ..core._plugin_types import AddressFamily, SocketType
 from ..core._registry import Registry, registry
 from ..core._server import BaseServer
@@ -33,14 +33,18 @@ REQUEST_QUEUE_SIZE = 5
 class StreamOptions:
     """Options of stream (and, through inheritance, datagram) servers."""
 
-    request_queue_size: int = count(0)
-    allow_reuse_address: bool = flag()
-    allow_reuse_port: bool = flag()
-    ipv6_only: bool | None = attrs.field(
-        validator=attrs.validators.optional(attrs.validators.instance_of(bool))
-    )
+    #: The listen() backlog.
+    request_queue_size: int = count(0, default=REQUEST_QUEUE_SIZE)
+    #: Set SO_REUSEADDR before binding.
+    allow_reuse_address: bool = flag(default=False)
+    #: Set SO_REUSEPORT before binding.
+    allow_reuse_port: bool = flag(default=False)
+    #: For IPv6 sockets: True serves IPv6 only, False both stacks (IPv4-mapped), None
+    #: leaves the system default.
+    ipv6_only: bool | None = flag(optional=True, default=None)
 
 
+@declare_options(StreamOptions)
 class TCPServer(BaseServer):
     """A stream server: binds, listens and accepts connections.
 
@@ -51,15 +55,13 @@ class TCPServer(BaseServer):
         closed before the error propagates.
     """
 
-    sockserve_options = StreamOptions
     address_family = socket.AF_INET
     socket_type = socket.SOCK_STREAM
-    request_queue_size = REQUEST_QUEUE_SIZE
-    allow_reuse_address = False
-    allow_reuse_port = False
-    #: For IPv6 sockets: True serves IPv6 only, False both stacks (IPv4-mapped), None
-    #: leaves the system default.
-    ipv6_only: bool | None = None
+    # Options (StreamOptions declares them and their defaults).
+    request_queue_size: int
+    allow_reuse_address: bool
+    allow_reuse_port: bool
+    ipv6_only: bool | None
     #: The address family plugin and the registry the class was composed with (set by
     #: ``compose``); a hand-written class looks its family up by ``address_family``.
     sockserve_family: AddressFamily | None = None
