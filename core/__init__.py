@@ -7,6 +7,7 @@ from ._errors import (
     BindError,
     DatagramTruncatedError,
     HookError,
+    LayerError,
     OptionError,
     PathTooLongError,
     PluginClashWarning,
@@ -18,10 +19,32 @@ from ._errors import (
 )
 from ._handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
 from ._hooks import get_plugin_manager
-from ._options import with_options
+from ._contract import Server
+from ._options import (
+    OptionCheck,
+    any_of,
+    check_options,
+    choice,
+    count,
+    declare_options,
+    exclusive,
+    flag,
+    non_negative,
+    option,
+    option_check,
+    option_fields,
+    positive,
+    python_object,
+    read_options,
+    requires,
+    seconds,
+    text,
+    with_options,
+)
 from ._plugin_types import AddressFamily, ConcurrencyMixIn, SocketType, Transport
-from ._registry import PluginInfo, Registry, compose, registry
+from ._registry import Kind, PluginInfo, Registry, compose, registry
 from ._server import BaseServer
+from ._shared import SharedCounters, plugin_state
 from .hookspecs import hookimpl, hookspec
 
 __all__ = [
@@ -34,6 +57,9 @@ __all__ = [
     "DatagramRequestHandler",
     "DatagramTruncatedError",
     "HookError",
+    "Kind",
+    "LayerError",
+    "OptionCheck",
     "OptionError",
     "PathTooLongError",
     "PluginClashWarning",
@@ -42,16 +68,36 @@ __all__ = [
     "PluginLoadWarning",
     "PortRangeError",
     "Registry",
-    "SockserveError",
+    "Server",
+    "SharedCounters",
     "SocketType",
+    "SockserveError",
     "StreamRequestHandler",
     "Transport",
     "UnknownPluginError",
+    "any_of",
+    "check_options",
+    "choice",
     "compose",
+    "count",
+    "declare_options",
+    "exclusive",
+    "flag",
     "get_plugin_manager",
     "hookimpl",
     "hookspec",
+    "non_negative",
+    "option",
+    "option_check",
+    "option_fields",
+    "plugin_state",
+    "positive",
+    "python_object",
+    "read_options",
     "registry",
+    "requires",
+    "seconds",
+    "text",
     "with_options",
 ]
 

@@ -13,9 +13,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import PluginClashWarning, PluginLoadError, SockserveError
+from ._errors import PluginClashWarning, PluginLoadError, SockserveError, UnknownPluginError
 from ._hooks import block_plugins
-from ._options import with_options
+from ._options import declared_option_names, parse_command_line_options, with_options
 from ._registry import registry
 from ._server import LISTEN_BACKLOG
 
@@ -82,6 +82,31 @@ def _load_handler(spec: str) -> type:
         raise UsageError(f"handler {spec!r}: module {module_name!r} has no {attr!r}") from None
 
 
+#: Where an option the composed class lacks may come from: kind -> the flag that adds one.
+OPTION_SOURCES = {"concurrency": "--concurrency", "transport": "--transport",
+                  "layer": "--layer", "plugin": "--plugin"}
+
+
+def option_declared_by(key: str) -> str | None:
+    """Say which installed plugins declare option *key*, for an "unknown option" error.
+
+    Plugins that fail to load are skipped here (``sockserve plugins`` reports them).
+    """
+    found = []
+    for kind, flag in OPTION_SOURCES.items():
+        for name in registry.names(kind):
+            try:
+                plugin = (registry.transport_class(name) if kind == "transport"
+                          else registry.load(kind, name))
+            except (PluginLoadError, UnknownPluginError, TypeError):
+                continue
+            if key in declared_option_names(plugin):
+                found.append(f"{flag} {name}")
+    if not found:
+        return None
+    return f"it is declared by {' or '.join(found)}: add that to the command line"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
@@ -128,13 +153,8 @@ def _serve(args: argparse.Namespace) -> int:
         "allow_reuse_address": True,
     }
     server_class = with_options(base, settings)
-    options = {}
-    for text in args.option:
-        key, sep, value = text.partition("=")
-        if not sep:
-            raise UsageError(f"option {text!r}: expected KEY=VALUE")
-        options[key.strip()] = value
-    server_class = with_options(server_class, options, from_text=True)
+    options = parse_command_line_options(server_class, args.option, unknown_hint=option_declared_by)
+    server_class = with_options(server_class, options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with server_class(address, handler) as server:
         stopping = []
