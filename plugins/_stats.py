@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import bisect
 import logging
-import multiprocessing
 import threading
 import time
-import weakref
 from collections.abc import Generator
 from typing import Any
 
-from ..core.hookspecs import hookimpl
+from ..core import SharedCounters, hookimpl, plugin_state
 
 __all__ = ["Stats", "STATS", "BUCKETS"]
 
@@ -29,19 +27,8 @@ __all__ = ["Stats", "STATS", "BUCKETS"]
 #: that range, and a decade per bucket keeps the summary one readable line.
 BUCKETS = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
 COUNTERS = ("accepted", "denied", "finished", "failed")
-
-
-class _Shared:
-    """Counters in anonymous shared memory, so forked children add to the parent's."""
-
-    def __init__(self) -> None:
-        ctx = multiprocessing.get_context("fork") if hasattr(multiprocessing, "get_context") else multiprocessing
-        self.values = ctx.RawArray("q", len(COUNTERS) + len(BUCKETS) + 1)
-        self.lock = ctx.Lock()
-
-    def add(self, index: int, amount: int = 1) -> None:
-        with self.lock:
-            self.values[index] += amount
+#: The histogram's counters: one per bucket, the last one for "slower".
+_BUCKET_NAMES = tuple(f"bucket{i}" for i in range(len(BUCKETS) + 1))
 
 
 class Stats:
@@ -52,31 +39,21 @@ class Stats:
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.logger = logger or logging.getLogger("sockserve.stats")
         self._local = threading.local()
-        self._guard = threading.Lock()
-        # A forked child's copy of this mapping finds the parent's shared memory.
-        self._servers: weakref.WeakKeyDictionary[Any, _Shared] = weakref.WeakKeyDictionary()
 
-    def _shared(self, server: Any) -> _Shared:
-        shared = self._servers.get(server)
-        if shared is None:
-            with self._guard:
-                shared = self._servers.get(server)
-                if shared is None:
-                    shared = self._servers[server] = _Shared()
-        return shared
+    def _counters(self, server: Any) -> SharedCounters:
+        # Kept per server with the public helpers a third-party plugin would use: made at
+        # activation, before any child is forked, so that forked children add to it.
+        return plugin_state(server, self, lambda: SharedCounters(COUNTERS + _BUCKET_NAMES))
 
     def snapshot(self, server: Any) -> dict[str, Any]:
         """Return the counters and the histogram (bucket upper bound -> count) of *server*."""
-        shared = self._shared(server)
-        with shared.lock:
-            values = list(shared.values)
-        counts = dict(zip(COUNTERS, values))
-        histogram = dict(zip((*BUCKETS, float("inf")), values[len(COUNTERS):]))
-        return {**counts, "durations": histogram}
+        values = self._counters(server).snapshot()
+        histogram = dict(zip((*BUCKETS, float("inf")), (values[n] for n in _BUCKET_NAMES)))
+        return {**{name: values[name] for name in COUNTERS}, "durations": histogram}
 
     @hookimpl
     def sockserve_server_activate(self, server: Any) -> None:
-        self._shared(server)  # create the shared memory before any child is forked
+        self._counters(server)  # create the shared memory before any child is forked
 
     @hookimpl(wrapper=True)
     def sockserve_verify_request(
@@ -87,12 +64,12 @@ class Stats:
         verdict = yield
         if verdict is None:
             verdict = bool(server.verify_request(request, client_address))
-        self._shared(server).add(0)
+        self._counters(server).add("accepted")
         return verdict
 
     @hookimpl
     def sockserve_request_denied(self, server: Any) -> None:
-        self._shared(server).add(1)
+        self._counters(server).add("denied")
 
     @hookimpl
     def sockserve_request_start(self) -> None:
@@ -100,13 +77,12 @@ class Stats:
 
     @hookimpl
     def sockserve_request_finish(self, server: Any, exc: BaseException | None) -> None:
-        shared = self._shared(server)
+        counters = self._counters(server)
         started = getattr(self._local, "started", None)
-        with shared.lock:
-            shared.values[2 if exc is None else 3] += 1
-            if started is not None:
-                bucket = bisect.bisect_left(BUCKETS, time.perf_counter() - started)
-                shared.values[len(COUNTERS) + bucket] += 1
+        counters.add("finished" if exc is None else "failed")
+        if started is not None:
+            bucket = bisect.bisect_left(BUCKETS, time.perf_counter() - started)
+            counters.add(_BUCKET_NAMES[bucket])
 
     @hookimpl
     def sockserve_server_closed(self, server: Any) -> None:
