@@ -1,6 +1,7 @@
 """Built-in concurrency strategies (sync, threading, forking, threadpool, prefork), loaded
 through the ``sockserve.concurrency`` entry points, and the drain helpers every strategy's
-``server_close`` is made of (public: a third-party strategy gets a correct drain from them).
+``server_close`` is made of and those of a strategy with supervised worker processes
+(public: a third-party strategy gets a correct drain and supervision from them).
 Importing this package loads no strategy."""
 
 from ._drain import (
@@ -11,12 +12,30 @@ from ._drain import (
     stop_processes,
     wait_threads,
 )
+from ._supervise import (
+    RESPAWN_DELAY,
+    STOP_SIGNALS,
+    WorkerSlots,
+    exit_child,
+    fork_worker,
+    reuse_port_socket,
+    stop_on_signals,
+    with_inner_strategy,
+)
 
 __all__ = [
     "CUT_OFF_GRACE",
+    "RESPAWN_DELAY",
+    "STOP_SIGNALS",
     "TERMINATE_GRACE",
+    "WorkerSlots",
     "drain_deadline",
+    "exit_child",
+    "fork_worker",
     "reap",
+    "reuse_port_socket",
+    "stop_on_signals",
     "stop_processes",
     "wait_threads",
+    "with_inner_strategy",
 ]

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import attrs
 
 from ..core._options import count, declare_options, flag
+from ._supervise import exit_child
 from ._drain import drain_deadline, reap, stop_processes
 
 __all__ = ["ForkingMixIn", "exit_child"]
@@ -31,24 +32,6 @@ class ForkingOptions:
     max_children: int = count(1, default=MAX_CHILDREN)
     #: server_close() waits for the children to exit.
     block_on_close: bool = flag(default=True)
-
-
-def exit_child(body: Callable[[], int]) -> NoReturn:
-    """In a forked child: run *body*, then leave through ``os._exit`` with its status.
-
-    Whatever happens (an exception, SystemExit, KeyboardInterrupt), the child never
-    returns into the parent's serve loop; it exits 1 when *body* did not return.
-    Standard streams are flushed first, because ``os._exit`` skips that.
-    """
-    status = 1
-    try:
-        status = body()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(status)
 
 
 @declare_options(ForkingOptions)

@@ -43,7 +43,7 @@ from ._options import (
 )
 from ._plugin_types import AddressFamily, ConcurrencyMixIn, SocketType, Transport
 from ._registry import Kind, PluginInfo, Registry, compose, registry
-from ._server import BaseServer
+from ._server import LISTEN_BACKLOG, POLL_INTERVAL, BaseServer
 from ._shared import SharedCounters, plugin_state
 from .hookspecs import hookimpl, hookspec
 
@@ -57,10 +57,12 @@ __all__ = [
     "DatagramRequestHandler",
     "DatagramTruncatedError",
     "HookError",
+    "LISTEN_BACKLOG",
     "Kind",
     "LayerError",
     "OptionCheck",
     "OptionError",
+    "POLL_INTERVAL",
     "PathTooLongError",
     "PluginClashWarning",
     "PluginInfo",

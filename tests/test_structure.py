@@ -147,3 +147,12 @@ def test_the_private_name_check_sees_a_private_name(tmp_path):
         assert len(_private_names(sample)) == 2
     finally:
         sample.unlink()
+
+
+def test_the_prefork_strategy_is_a_supervisor_not_a_second_serve_loop():
+    """At most half of the 365 lines it had when it carried its own loop, and no loop."""
+    source = (ROOT / "concurrency" / "_prefork.py").read_text(encoding="utf-8")
+    assert source.count("\n") <= 182
+    # Its supervision is the public helpers a third-party process pool can use too.
+    assert "from ._supervise import" in source
+    assert "while " not in source, "prefork runs the one serve loop, not one of its own"
