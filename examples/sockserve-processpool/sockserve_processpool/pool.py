@@ -27,12 +27,12 @@ import os
 import pickle
 import signal
 import socket
-import sys
 from typing import Any
 
 import attrs
 
-from sockserve.concurrency import drain_deadline, reap, stop_processes
+import sockserve
+from sockserve.concurrency import drain_deadline, fork_worker, reap, stop_processes
 
 __all__ = ["ProcessPoolMixIn", "PoolOptions"]
 
@@ -46,17 +46,14 @@ CUT_OFF_SIGNAL = signal.SIGUSR1
 MESSAGE_SIZE = 4096
 
 
-def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"'{attribute.name}' must be an int >= 1 (got {value!r})")
-
-
 @attrs.define
 class PoolOptions:
-    """Options of the process pool."""
+    """Options of the process pool, declared with sockserve's public field factories."""
 
-    workers: int = attrs.field(validator=_positive_int)
-    block_on_close: bool = attrs.field(validator=attrs.validators.instance_of(bool))
+    #: Number of worker processes.
+    workers: int = sockserve.count(1, default=DEFAULT_WORKERS)
+    #: server_close() waits for the workers to finish what they were sent.
+    block_on_close: bool = sockserve.flag(default=True)
 
 
 @attrs.define(eq=False)
@@ -68,14 +65,14 @@ class _Worker:
     sent: collections.deque[socket.socket] = attrs.field(factory=collections.deque)
 
 
+@sockserve.declare_options(PoolOptions)
 class ProcessPoolMixIn:
     """Serve requests in a pool of ``workers`` long-lived processes (stream transports)."""
 
-    sockserve_options = PoolOptions
-    #: Number of worker processes.
-    workers = DEFAULT_WORKERS
-    #: server_close() waits for the workers to finish what they were sent.
-    block_on_close = True
+    # Options: PoolOptions declares them and their defaults (declare_options makes those
+    # the class attributes).
+    workers: int
+    block_on_close: bool
     _pool: list[_Worker] | None = None
     _pool_closing = False
 
@@ -98,24 +95,17 @@ class ProcessPoolMixIn:
 
     def _spawn(self, slot: int) -> _Worker:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:  # the worker: never returns
-            status = 1
-            try:
-                parent_end.close()
-                for other in self._pool or ():
-                    other.channel.close()  # inherited ends of the other workers' channels
-                    for connection in other.sent:
-                        connection.close()  # the parent's copies: not this worker's
-                status = self._worker_main(slot, child_end)
-            except BaseException:
-                log.exception("worker %d (pid %d) failed", slot, os.getpid())
-            finally:
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                finally:
-                    os._exit(status)
+
+        def work(unblock: Any) -> int:  # in the worker; its exit status
+            parent_end.close()
+            for other in self._pool or ():
+                other.channel.close()  # inherited ends of the other workers' channels
+                for connection in other.sent:
+                    connection.close()  # the parent's copies: not this worker's
+            return self._worker_main(slot, child_end, unblock)
+
+        # Stop signals stay blocked in the worker until it has set its own handlers.
+        pid = fork_worker(work)
         child_end.close()
         return _Worker(slot, pid, parent_end)
 
@@ -210,10 +200,11 @@ class ProcessPoolMixIn:
 
     # ------------------------------------------------------------ worker side
 
-    def _worker_main(self, slot: int, channel: socket.socket) -> int:
+    def _worker_main(self, slot: int, channel: socket.socket, unblock: Any) -> int:
         # The parent decides when the pool stops (Ctrl-C reaches the whole process group).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        unblock()
         self.after_fork()  # this process's own serving state, not the parent's
         cut = False
 
