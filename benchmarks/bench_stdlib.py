@@ -53,27 +53,22 @@ server's time goes.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import datetime
 import importlib
 import io
 import itertools
 import json
 import os
-import platform
 import pstats
-import resource
-import select
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+
+import _harness as h
 
 #: The two sides compared, by label; the first is the baseline of every ratio.
 BASELINE = "stdlib"
@@ -90,14 +85,9 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "udp-sync": ("UDPServer", "dgram"),
 }
 
-PAYLOAD = b"0123456789abcdef" * 4  # 64 bytes
-HOST = "127.0.0.1"
+HOST = h.HOST
+PAYLOAD = h.PAYLOAD
 
-#: serve_forever's poll interval in the servers: the documented default, as users run it.
-#: A shorter one would wake the idle server of a pair many times a second, and in a VM
-#: each timed-out wait can cost milliseconds of CPU. The standard module's shutdown()
-#: waits for a turn of the loop, so _shut_down() pokes the server with requests instead.
-POLL_INTERVAL = 0.5
 #: A ratio within this of 1 counts as a tie: A/A runs (``--candidate socketserver``) of the
 #: throughput put the interquartile range of the per-round ratios within about 1% of 1.
 TOLERANCE = 0.01
@@ -108,160 +98,58 @@ CLIENT_TIMEOUT = 2.0
 #: machine can stall a process for that long now and then) counts as failed.
 UDP_TIMEOUT = 0.5
 #: Seconds a child may live past its planned work before its watchdog ends it.
-CHILD_GRACE = 30.0
+CHILD_GRACE = h.CHILD_GRACE
 #: Seconds the parent waits for one line of a child's protocol before giving up.
 LINE_TIMEOUT = 20.0
 
 
 # --------------------------------------------------------------------------- handler
 
-def _echo_stream(self: Any) -> None:
-    """Read exactly one payload from the connection and send it back."""
-    sock = self.request
-    data = b""
-    while len(data) < len(PAYLOAD):
-        chunk = sock.recv(len(PAYLOAD) - len(data))
-        if not chunk:
-            break
-        data += chunk
-    sock.sendall(data)
-
-
-def _echo_dgram(self: Any) -> None:
-    """Send the datagram back to where it came from."""
-    data, sock = self.request
-    sock.sendto(data, self.client_address)
-
-
-HANDLE = {"stream": _echo_stream, "dgram": _echo_dgram}
+HANDLE = {"stream": h.echo_stream, "dgram": h.echo_dgram}
 
 
 def make_handler(module: Any, kind: str) -> type:
     """The benchmark's handler: the same ``handle`` on *module*'s BaseRequestHandler."""
-    return type("EchoHandler", (module.BaseRequestHandler,), {"handle": HANDLE[kind]})
+    return h.handler_class(module, HANDLE[kind])
 
 
 # --------------------------------------------------------------------------- children
 
-def _watchdog(seconds: float) -> None:
-    timer = threading.Timer(seconds, os._exit, args=(3,))
-    timer.daemon = True
-    timer.start()
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-class _ThreadProfiles:
-    """One cProfile.Profile per thread started after install(); merged at the end.
-
-    cProfile only sees the thread that enabled it, so every new thread (the serving
-    thread, and each request thread of a threading server) enables its own.
-    """
-
-    def __init__(self) -> None:
-        self.profiles: list[cProfile.Profile] = []
-
-    def _start(self, *args: Any) -> None:
-        profile = cProfile.Profile()
-        self.profiles.append(profile)  # list.append is atomic
-        profile.enable()  # replaces this hook for the rest of the thread
-
-    def install(self) -> None:
-        threading.setprofile(self._start)
-
-    def dump(self, path: str) -> None:
-        threading.setprofile(None)  # type: ignore[arg-type]
-        stats = None
-        for profile in list(self.profiles):
-            profile.disable()
-            if stats is None:
-                stats = pstats.Stats(profile)
-            else:
-                stats.add(profile)
-        if stats is not None:
-            stats.dump_stats(path)
-
-
 def serve_main(module_name: str, scenario: str, max_life: float, profile_path: str) -> None:
     """Child: serve *scenario* with *module_name*; obey 'mark' and 'stop' on stdin."""
-    _watchdog(max_life)
+    h.watchdog(max_life)
     module = importlib.import_module(module_name)
     class_name, kind = SCENARIOS[scenario]
     server = getattr(module, class_name)((HOST, 0), make_handler(module, kind))
     profiles = None
     if profile_path:
-        profiles = _ThreadProfiles()
+        profiles = h.ThreadProfiles()
         profiles.install()
-    thread = threading.Thread(
-        target=server.serve_forever, args=(POLL_INTERVAL,), name="serve_forever"
-    )
-    thread.start()
-    out = sys.stdout
-    out.write(f"PORT {server.server_address[1]}\n")
-    out.flush()
-    start = _cpu_seconds()
-    for line in sys.stdin:  # EOF (the parent went away) ends the loop as 'stop' does
-        command = line.strip()
-        if command == "mark":
-            start = _cpu_seconds()
-            out.write("OK\n")
-            out.flush()
-        elif command == "stop":
-            break
-    cpu = _cpu_seconds() - start
-    _shut_down(server, kind)
-    thread.join(CHILD_GRACE)
-    server.server_close()
+    serving = h.ServingThread(server)
+    h.announce_port(server.server_address[1])
+    start = h.cpu_seconds()
+
+    def mark() -> None:
+        nonlocal start
+        start = h.cpu_seconds()
+
+    h.serve_commands(mark)
+    cpu = h.cpu_seconds() - start
+    serving.stop(poke_loop=True)
     if profiles is not None:
-        profiles.dump(profile_path)
+        stats = profiles.stop()
+        if stats is not None:
+            stats.dump_stats(profile_path)
     leaked = "socketserver" in sys.modules and module_name != "socketserver"
-    out.write(json.dumps({"cpu": cpu, "imported_stdlib": leaked}) + "\n")
-    out.flush()
-
-
-def _shut_down(server: Any, kind: str) -> None:
-    """Call server.shutdown(), poking the loop with empty requests until it returns."""
-    stopper = threading.Thread(target=server.shutdown, name="shutdown")
-    stopper.start()
-    address = (HOST, server.server_address[1])
-    deadline = time.monotonic() + CHILD_GRACE
-    while stopper.is_alive() and time.monotonic() < deadline:
-        family, type_ = socket.AF_INET, socket.SOCK_STREAM if kind == "stream" else socket.SOCK_DGRAM
-        with socket.socket(family, type_) as poke:
-            poke.settimeout(CLIENT_TIMEOUT)
-            try:
-                poke.connect(address)
-                poke.send(b"")
-            except OSError:
-                pass
-        stopper.join(0.05)
-    stopper.join(CHILD_GRACE)
-
-
-def _stream_request(address: tuple[str, int]) -> bool:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(CLIENT_TIMEOUT)
-        sock.connect(address)
-        sock.sendall(PAYLOAD)
-        data = b""
-        while len(data) < len(PAYLOAD):
-            chunk = sock.recv(len(PAYLOAD) - len(data))
-            if not chunk:
-                break
-            data += chunk
-        return data == PAYLOAD
-    finally:
-        sock.close()
+    h.report({"cpu": cpu, "imported_stdlib": leaked})
 
 
 def _requesters(kind: str, ports: list[int]) -> list[Any]:
     """One zero-argument function per server: make one request, return True if echoed."""
     if kind == "stream":
-        return [lambda address=(HOST, port): _stream_request(address) for port in ports]
+        return [
+            lambda address=(HOST, port): h.stream_request(address, CLIENT_TIMEOUT) for port in ports
+        ]
     functions = []
     for port in ports:
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -290,29 +178,7 @@ def _alternate(
     Returns, per server: requests completed and failed, the time spent in them, and the
     median time of one completed request.
     """
-    latencies: list[list[float]] = [[] for _ in requesters]
-    errors = [0 for _ in requesters]
-    clock = time.perf_counter
-    now = time.monotonic()
-    if now < start:
-        time.sleep(start - now)
-    # perf_counter is this process's clock; the slices follow the shared monotonic one.
-    offset = time.monotonic() - clock()
-    n = len(requesters)
-    while True:
-        began = clock()
-        elapsed = began + offset - start
-        if began + offset >= stop:
-            break
-        target = (int(elapsed / slice_) + first) % n
-        try:
-            ok = requesters[target]()
-        except OSError:
-            ok = False
-        if ok:
-            latencies[target].append(clock() - began)
-        else:
-            errors[target] += 1
+    latencies, errors = h.alternate(requesters, start, stop, slice_, first)
     return [
         {
             "done": len(times),
@@ -328,7 +194,7 @@ def client_main(
     scenario: str, ports: list[int], warmup: float, duration: float, slice_: float
 ) -> None:
     """Child: warm up, say READY, wait for 'GO start first', load the servers in turn."""
-    _watchdog(warmup + 2 * duration + CHILD_GRACE + LINE_TIMEOUT)
+    h.watchdog(warmup + 2 * duration + CHILD_GRACE + LINE_TIMEOUT)
     requesters = _requesters(SCENARIOS[scenario][1], ports)
     now = time.monotonic()
     _alternate(requesters, now, now + warmup, min(slice_, warmup / 2 or 1), 0)
@@ -339,123 +205,56 @@ def client_main(
         return
     start, first = float(words[1]), int(words[2])
     tallies = _alternate(requesters, start, start + len(ports) * duration, slice_, first)
-    sys.stdout.write(json.dumps(tallies) + "\n")
-    sys.stdout.flush()
+    h.report(tallies)
 
 
 # --------------------------------------------------------------------------- parent
 
-class Child:
-    """A child process speaking a line protocol over its stdin/stdout, with timeouts."""
-
-    def __init__(self, args: list[str], cpus: set[int] | None, registry: list[Child]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-        )
-        registry.append(self)
-        self._buffer = b""
-        if cpus:
-            try:
-                os.sched_setaffinity(self.proc.pid, cpus)
-            except OSError:
-                pass
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-
-    def readline(self, timeout: float = LINE_TIMEOUT) -> str:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError(f"child {self.proc.pid} said nothing for {timeout}s")
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise RuntimeError(f"child {self.proc.pid} exited (status {self.proc.poll()})")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line.decode()
-
-    def end(self, timeout: float = 5.0) -> None:
-        """Wait for the child to exit, then kill it by pid if it has not."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        kill(self)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-
-
-def kill(child: Child) -> None:
-    """Kill *child* by its pid if it is still running, and reap it."""
-    if child.proc.poll() is None:
-        try:
-            os.kill(child.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        child.proc.wait(5)
-
-
 def _pinning(mode: str) -> tuple[set[int] | None, set[int] | None]:
     """CPU sets for the servers and for the clients under pinning *mode*."""
-    if mode == "none" or not hasattr(os, "sched_getaffinity"):
-        return None, None
-    cpus = sorted(os.sched_getaffinity(0))
-    if mode == "same" or len(cpus) < 2:
-        return {cpus[-1]}, {cpus[-1]}
-    return {cpus[0]}, set(cpus[1:])
+    return h.pinning(mode, servers_on_first=True)
 
 
 def run_round(
     scenario: str,
     first: str,
     args: argparse.Namespace,
-    children: list[Child],
+    children: list[h.Child],
     profile_dir: str = "",
 ) -> dict[str, dict[str, float]]:
     """One round: both modules' servers, loaded in alternation; results per module."""
     server_cpus, client_cpus = _pinning(args.pin)
     life = args.warmup + 2 * args.duration + CHILD_GRACE + 2 * LINE_TIMEOUT
-    servers: dict[str, Child] = {}
-    clients: list[Child] = []
+    servers: dict[str, h.Child] = {}
+    clients: list[h.Child] = []
     try:
         # The side that goes first also starts first, so start order cannot favour a side.
-        order = (first, *(m for m in MODULES if m != first))
-        for module in order:
+        for module in h.rotation(MODULES, MODULES.index(first)):
             profile_path = os.path.join(profile_dir, f"{module}.prof") if profile_dir else ""
-            servers[module] = Child(
-                ["_serve", MODULE_OF[module], scenario, str(life), profile_path], server_cpus, children
+            servers[module] = h.Child(
+                h.script_argv(__file__, "_serve", MODULE_OF[module], scenario, str(life), profile_path),
+                children,
+                server_cpus,
             )
-        ports = {m: int(s.readline().split()[1]) for m, s in servers.items()}
+        ports = {m: int(s.readline(LINE_TIMEOUT).split()[1]) for m, s in servers.items()}
         for _ in range(args.clients):
             clients.append(
-                Child(
-                    [
-                        "_client", scenario, str(ports[BASELINE]), str(ports[CANDIDATE]),
+                h.Child(
+                    h.script_argv(
+                        __file__, "_client", scenario, str(ports[BASELINE]), str(ports[CANDIDATE]),
                         str(args.warmup), str(args.duration), str(args.slice),
-                    ],
-                    client_cpus,
+                    ),
                     children,
+                    client_cpus,
                 )
             )
         for client in clients:
-            if client.readline() != "READY":
+            if client.readline(LINE_TIMEOUT) != "READY":
                 raise RuntimeError("a client did not get ready")
         for server in servers.values():
             server.send("mark")
         for server in servers.values():
-            if server.readline() != "OK":
+            if server.readline(LINE_TIMEOUT) != "OK":
                 raise RuntimeError("a server did not mark its CPU time")
         start = time.monotonic() + 0.05  # every client starts slicing at the same instant
         for client in clients:
@@ -463,10 +262,10 @@ def run_round(
         tallies = [json.loads(c.readline(2 * args.duration + LINE_TIMEOUT)) for c in clients]
         for server in servers.values():
             server.send("stop")
-        reports = {m: json.loads(s.readline()) for m, s in servers.items()}
+        reports = {m: json.loads(s.readline(LINE_TIMEOUT)) for m, s in servers.items()}
     finally:
         for child in (*clients, *servers.values()):
-            child.end()
+            child.end(5.0)
     results = {}
     for index, module in enumerate(MODULES):
         mine = [t[index] for t in tallies]
@@ -488,36 +287,16 @@ def run_round(
     return results
 
 
-def _ratio(a: float, b: float) -> float:
-    """a / b, or NaN when there is nothing to divide by (no request completed)."""
-    return a / b if b else float("nan")
-
-
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
 def summarize(runs: dict[tuple[str, str], list[dict[str, float]]], scenario: str) -> dict[str, Any]:
     """Medians per module, ratio of medians and spread of the per-round ratios."""
     base = runs[(scenario, BASELINE)]
     cand = runs[(scenario, CANDIDATE)]
     out: dict[str, Any] = {"scenario": scenario}
     for metric in ("rps", "rps_mean", "cpu_per_req", "server_busy"):
-        b = statistics.median(r[metric] for r in base)
-        c = statistics.median(r[metric] for r in cand)
-        per_round = [_ratio(rc[metric], rb[metric]) for rb, rc in zip(base, cand)]
-        out[metric] = {
-            BASELINE: b,
-            CANDIDATE: c,
-            "ratio": _ratio(c, b),
-            "min": min(per_round),
-            "max": max(per_round),
-            "iqr": _quartiles(per_round),
-            "rounds": per_round,
-        }
+        figure = h.paired([r[metric] for r in base], [r[metric] for r in cand])
+        figure[BASELINE] = figure.pop("baseline")
+        figure[CANDIDATE] = figure.pop("candidate")
+        out[metric] = figure
     out["errors"] = {m: sum(r["errors"] for r in runs[(scenario, m)]) for m in MODULES}
     return out
 
@@ -560,7 +339,7 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
         )
 
 
-def profile_all(args: argparse.Namespace, children: list[Child]) -> None:
+def profile_all(args: argparse.Namespace, children: list[h.Child]) -> None:
     for scenario in args.scenarios:
         with tempfile.TemporaryDirectory() as tmp:
             results = run_round(scenario, BASELINE, args, children, profile_dir=tmp)
@@ -632,17 +411,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     MODULE_OF[CANDIDATE] = args.candidate
-    children: list[Child] = []
+    children: list[h.Child] = []
     try:
         if args.profile:
             profile_all(args, children)
             return 0
         server_cpus, client_cpus = _pinning(args.pin)
-        print(
-            f"# {datetime.datetime.now().isoformat(timespec='seconds')}  Python "
-            f"{platform.python_version()}  {platform.machine()}  cpus={os.cpu_count()}  "
-            f"load={os.getloadavg()[0]:.2f}"
-        )
+        print(h.machine_line(datetime.datetime.now()))
         print(
             f"# rounds={args.rounds} duration={args.duration}s/module slice={args.slice}s "
             f"warmup={args.warmup}s clients={args.clients} candidate={args.candidate} "
@@ -655,11 +430,11 @@ def main(argv: list[str]) -> int:
         started = time.monotonic()
         for rnd in range(args.rounds):
             for index, scenario in enumerate(args.scenarios):
-                first = MODULES[(rnd + index) % 2]
+                first = h.rotation(MODULES, rnd + index)[0]
                 for module, result in run_round(scenario, first, args, children).items():
                     runs[(scenario, module)].append(result)
             line = "  ".join(
-                f"{s} {_ratio(runs[(s, CANDIDATE)][-1]['rps'], runs[(s, BASELINE)][-1]['rps']):.3f}"
+                f"{s} {h.ratio(runs[(s, CANDIDATE)][-1]['rps'], runs[(s, BASELINE)][-1]['rps']):.3f}"
                 for s in args.scenarios
             )
             print(
@@ -683,22 +458,14 @@ def main(argv: list[str]) -> int:
                     indent=1,
                 )
         print(
-            "SUMMARY "
-            + " ".join(
-                f"{s['scenario']} {s['rps']['ratio']:.2f}x ({s['rps']['min']:.2f}-{s['rps']['max']:.2f})"
-                for s in summaries
-            )
-            + " | cpu/req "
-            + " ".join(
-                f"{s['scenario']} {s['cpu_per_req']['ratio']:.2f}x "
-                f"({s['cpu_per_req']['min']:.2f}-{s['cpu_per_req']['max']:.2f})"
-                for s in summaries
+            h.summary_line(
+                " ".join(f"{s['scenario']} {h.ratio_text(s['rps'])}" for s in summaries),
+                "cpu/req " + " ".join(f"{s['scenario']} {h.ratio_text(s['cpu_per_req'])}" for s in summaries),
             )
         )
         return 0
     finally:
-        for child in children:
-            kill(child)
+        h.kill_all(children)
 
 
 if __name__ == "__main__":
