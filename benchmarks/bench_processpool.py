@@ -55,32 +55,26 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
-import resource
-import select
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from typing import Any
 
+import _harness as h
+
 BASELINE = "stdlib"
 CANDIDATE = "processpool"
 KINDS = (BASELINE, CANDIDATE)
-PAYLOAD = b"0123456789abcdef" * 4  # 64 bytes
-HOST = "127.0.0.1"
-#: serve_forever's poll interval in the servers: the documented default, as users run it.
-POLL_INTERVAL = 0.5
+PAYLOAD = h.PAYLOAD
+HOST = h.HOST
 #: Timeout of every client socket operation: generous for loopback, short enough that a
 #: dead server shows up as errors instead of a stall.
 CLIENT_TIMEOUT = 2.0
 #: Seconds a child may live past its planned work before its watchdog ends it.
-CHILD_GRACE = 30.0
+CHILD_GRACE = h.CHILD_GRACE
 #: Seconds the parent waits for one line of a child's output before giving up.
-LINE_TIMEOUT = 30.0
+LINE_TIMEOUT = h.LINE_TIMEOUT
 #: listen() backlog of both servers: the documented 5 drops connections under this load
 #: (refused connects would then be measured instead of the strategies).
 BACKLOG = 128
@@ -89,35 +83,9 @@ BACKLOG = 128
 # --------------------------------------------------------------------------- servers
 
 
-def _echo(self: Any) -> None:
-    """Read one payload from the connection and send it back."""
-    sock = self.request
-    data = b""
-    while len(data) < len(PAYLOAD):
-        chunk = sock.recv(len(PAYLOAD) - len(data))
-        if not chunk:
-            break
-        data += chunk
-    sock.sendall(data)
-
-
-def _watchdog(seconds: float) -> None:
-    timer = threading.Timer(seconds, os._exit, args=(3,))
-    timer.daemon = True
-    timer.start()
-
-
-def _cpu_seconds() -> float:
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
-
-
 def serve_main(kind: str, workers: int, max_life: float) -> None:
     """Child: serve with *kind*; print PORT, then on 'stop' (or EOF) close and print JSON."""
-    _watchdog(max_life)
+    h.watchdog(max_life)
     if kind == BASELINE:
         import socketserver as module
 
@@ -128,17 +96,13 @@ def serve_main(kind: str, workers: int, max_life: float) -> None:
         cls = module.compose(
             "tcp", "processpool", options={"workers": workers, "request_queue_size": BACKLOG}
         )
-    handler = type("EchoHandler", (module.BaseRequestHandler,), {"handle": _echo})
-    server = cls((HOST, 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(POLL_INTERVAL,))
-    thread.start()
-    print(f"PORT {server.server_address[1]}", flush=True)
-    for line in sys.stdin:  # EOF (the parent went away) ends the loop as 'stop' does
-        if line.strip() == "stop":
-            break
-    server.shutdown()
-    thread.join(CHILD_GRACE)
-    server.server_close()  # reaps every child/worker, so their CPU time is counted
+    server = cls((HOST, 0), h.handler_class(module, h.echo_stream))
+    serving = h.ServingThread(server)
+    h.announce_port(server.server_address[1])
+    h.serve_commands()
+    # No pokes: each would fork a child of ForkingTCPServer and be counted in its CPU.
+    # server_close() reaps every child/worker, so their CPU time is counted.
+    serving.stop(poke_loop=False)
     if kind == BASELINE:
         # server_close() waited for the children (block_on_close); reap anything left
         # anyway, so that every child's CPU time is in RUSAGE_CHILDREN.
@@ -147,63 +111,30 @@ def serve_main(kind: str, workers: int, max_life: float) -> None:
                 os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-    print(json.dumps({"cpu": _cpu_seconds(), "pid": os.getpid()}), flush=True)
+    h.report({"cpu": h.cpu_seconds(children=True), "pid": os.getpid()})
 
 
 # --------------------------------------------------------------------------- clients
 
 
-def _request(port: int) -> bool:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(CLIENT_TIMEOUT)
-        sock.connect((HOST, port))
-        sock.sendall(PAYLOAD)
-        data = b""
-        while len(data) < len(PAYLOAD):
-            chunk = sock.recv(len(PAYLOAD) - len(data))
-            if not chunk:
-                break
-            data += chunk
-        return data == PAYLOAD
-    finally:
-        sock.close()
-
-
 def _load(ports: list[int], start: float, stop: float, slice_: float, first: int,
           out: list[dict[str, Any]]) -> None:
     """One client thread: from *start* to *stop* (monotonic), the server of the current slice."""
-    latencies: list[list[float]] = [[], []]
-    errors = [0, 0]
-    now = time.monotonic()
-    if now < start:
-        time.sleep(start - now)
-    while True:
-        began = time.monotonic()
-        if began >= stop:
-            break
-        target = (int((began - start) / slice_) + first) % 2
-        try:
-            ok = _request(ports[target])
-        except OSError:
-            ok = False
-        if ok:
-            latencies[target].append(time.monotonic() - began)
-        else:
-            errors[target] += 1
+    requesters = [lambda port=port: h.stream_request((HOST, port), CLIENT_TIMEOUT) for port in ports]
+    latencies, errors = h.alternate(requesters, start, stop, slice_, first)
     out.append({"latencies": latencies, "errors": errors})
 
 
 def client_main(ports: list[int], first: int, start: float, warmup: float, duration: float,
                 slice_: float, threads: int) -> None:
     """Child: warm both servers up, then load them in alternating slices; print JSON."""
-    _watchdog(start - time.monotonic() + warmup + 2 * duration + CHILD_GRACE)
+    h.watchdog(start - time.monotonic() + warmup + 2 * duration + CHILD_GRACE)
     warm = 0
     deadline = time.monotonic() + warmup
     while time.monotonic() < deadline:
         for port in ports:
             try:
-                warm += _request(port)
+                warm += h.stream_request((HOST, port), CLIENT_TIMEOUT)
             except OSError:
                 pass
     begin = max(start, time.monotonic())
@@ -224,75 +155,42 @@ def client_main(ports: list[int], first: int, start: float, warmup: float, durat
             "errors": sum(r["errors"][target] for r in results),
             "median": statistics.median(times) if times else float("nan"),
         })
-    print(json.dumps({"warm": warm, "servers": merged}), flush=True)
+    h.report({"warm": warm, "servers": merged})
 
 
 # --------------------------------------------------------------------------- the parent
 
 
-def _read_line(proc: subprocess.Popen[str], what: str, timeout: float = LINE_TIMEOUT) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise RuntimeError(f"no output from {what} within {timeout:.0f}s")
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"{what} exited ({proc.wait(LINE_TIMEOUT)}) without output")
-    return line
-
-
-def _kill(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(LINE_TIMEOUT)
-    for pipe in (proc.stdin, proc.stdout):
-        if pipe is not None:
-            pipe.close()
-
-
-def run_round(first: int, args: argparse.Namespace, children: list[subprocess.Popen[str]]) -> dict[str, dict[str, float]]:
+def run_round(first: int, args: argparse.Namespace, children: list[h.Child]) -> dict[str, dict[str, float]]:
     """Start a fresh server of each kind, load them in alternation; return figures per kind."""
     life = args.warmup + 2 * args.duration + CHILD_GRACE + 10
-    me = os.path.abspath(__file__)
-    servers = {}
-    for kind in KINDS:
-        proc = subprocess.Popen(
-            [sys.executable, me, "_serve", kind, str(args.workers), str(life)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        children.append(proc)
-        servers[kind] = proc
-    ports = []
-    for kind in KINDS:
-        line = _read_line(servers[kind], f"the {kind} server")
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"{kind} server said {line!r}")
-        ports.append(int(line.split()[1]))
+    servers = {
+        kind: h.Child(h.script_argv(__file__, "_serve", kind, str(args.workers), str(life)), children)
+        for kind in KINDS
+    }
+    ports = h.read_ports(servers)
     start = time.monotonic() + 0.5 + args.warmup
-    clients = []
-    for _ in range(args.clients):
-        proc = subprocess.Popen(
-            [sys.executable, me, "_client", str(ports[0]), str(ports[1]), str(first), repr(start),
-             str(args.warmup), str(args.duration), str(args.slice), str(args.threads)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+    clients = [
+        h.Child(
+            h.script_argv(
+                __file__, "_client", str(ports[BASELINE]), str(ports[CANDIDATE]), str(first), repr(start),
+                str(args.warmup), str(args.duration), str(args.slice), str(args.threads),
+            ),
+            children,
+            stdin=False,
         )
-        children.append(proc)
-        clients.append(proc)
+        for _ in range(args.clients)
+    ]
     reports = []
-    for proc in clients:
+    for client in clients:
         planned = start - time.monotonic() + 2 * args.duration
-        reports.append(json.loads(_read_line(proc, "a client", planned + LINE_TIMEOUT)))
-        proc.wait(LINE_TIMEOUT)
+        reports.append(json.loads(client.readline(planned + LINE_TIMEOUT)))
+        client.end(LINE_TIMEOUT)
     cpu = {}
-    for kind, proc in servers.items():
-        assert proc.stdin is not None
-        proc.stdin.write("stop\n")
-        proc.stdin.flush()
-        cpu[kind] = json.loads(_read_line(proc, f"the {kind} server"))["cpu"]
-        proc.wait(LINE_TIMEOUT)
+    for kind, server in servers.items():
+        server.send("stop")
+        cpu[kind] = json.loads(server.readline())["cpu"]
+        server.end(LINE_TIMEOUT)
     warm = sum(r["warm"] for r in reports)
     result = {}
     for index, kind in enumerate(KINDS):
@@ -305,10 +203,6 @@ def run_round(first: int, args: argparse.Namespace, children: list[subprocess.Po
             "cpu_per_req_us": cpu[kind] / served * 1e6 if served else float("nan"),
         }
     return result
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
 
 
 def main(argv: list[str]) -> int:
@@ -329,13 +223,9 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    children: list[subprocess.Popen[str]] = []
+    children: list[h.Child] = []
     try:
-        print(
-            f"# {datetime.datetime.now().isoformat(timespec='seconds')}  Python "
-            f"{platform.python_version()}  {platform.machine()}  cpus={os.cpu_count()}  "
-            f"load={os.getloadavg()[0]:.2f}"
-        )
+        print(h.machine_line(datetime.datetime.now()))
         print(
             f"# connection-per-request echo, {len(PAYLOAD)} bytes; rounds={args.rounds} "
             f"duration={args.duration}s/server slice={args.slice}s warmup={args.warmup}s "
@@ -343,7 +233,7 @@ def main(argv: list[str]) -> int:
         )
         rounds: list[dict[str, dict[str, float]]] = []
         for rnd in range(args.rounds):
-            first = rnd % 2
+            first = KINDS.index(h.rotation(KINDS, rnd)[0])
             result = run_round(first, args, children)
             rounds.append(result)
             print(
@@ -353,18 +243,18 @@ def main(argv: list[str]) -> int:
                     f"cpu {result[k]['cpu_per_req_us']:.0f}us errors {result[k]['errors']}"
                     for k in KINDS
                 )
-                + f"  ratio {_ratio(result[CANDIDATE]['rps'], result[BASELINE]['rps']):.2f}",
+                + f"  ratio {h.ratio(result[CANDIDATE]['rps'], result[BASELINE]['rps']):.2f}",
                 flush=True,
             )
         summary = {}
         for figure in ("rps", "median_ms", "cpu_per_req_us"):
-            medians = {k: statistics.median(r[k][figure] for r in rounds) for k in KINDS}
-            per_round = [_ratio(r[CANDIDATE][figure], r[BASELINE][figure]) for r in rounds]
+            paired = h.paired([r[BASELINE][figure] for r in rounds], [r[CANDIDATE][figure] for r in rounds])
             summary[figure] = {
-                **medians,
-                "ratio": _ratio(medians[CANDIDATE], medians[BASELINE]),
-                "min": min(per_round),
-                "max": max(per_round),
+                BASELINE: paired["baseline"],
+                CANDIDATE: paired["candidate"],
+                "ratio": paired["ratio"],
+                "min": paired["min"],
+                "max": paired["max"],
             }
         errors = {k: sum(r[k]["errors"] for r in rounds) for k in KINDS}
         print()
@@ -379,16 +269,17 @@ def main(argv: list[str]) -> int:
                 json.dump({"args": vars(args), "rounds": rounds, "summary": summary}, fh, indent=1)
         s = summary["rps"]
         print(
-            f"SUMMARY processpool(workers={args.workers}) vs ForkingTCPServer, connection-per-request "
-            f"echo: throughput {s['ratio']:.2f}x ({s['min']:.2f}-{s['max']:.2f}) "
-            f"[{s[CANDIDATE]:.0f} vs {s[BASELINE]:.0f} req/s] | p50 latency "
-            f"{summary['median_ms']['ratio']:.2f}x | cpu/req {summary['cpu_per_req_us']['ratio']:.2f}x "
-            f"| errors {errors[CANDIDATE]} vs {errors[BASELINE]}"
+            h.summary_line(
+                f"processpool(workers={args.workers}) vs ForkingTCPServer, connection-per-request "
+                f"echo: throughput {h.ratio_text(s)} [{s[CANDIDATE]:.0f} vs {s[BASELINE]:.0f} req/s]",
+                f"p50 latency {summary['median_ms']['ratio']:.2f}x",
+                f"cpu/req {summary['cpu_per_req_us']['ratio']:.2f}x",
+                f"errors {errors[CANDIDATE]} vs {errors[BASELINE]}",
+            )
         )
         return 0
     finally:
-        for child in children:
-            _kill(child)
+        h.kill_all(children)
 
 
 if __name__ == "__main__":
