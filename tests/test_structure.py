@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import io
+import sys
 import tokenize
 from pathlib import Path
 
@@ -156,3 +157,24 @@ def test_the_prefork_strategy_is_a_supervisor_not_a_second_serve_loop():
     # Its supervision is the public helpers a third-party process pool can use too.
     assert "from ._supervise import" in source
     assert "while " not in source, "prefork runs the one serve loop, not one of its own"
+
+
+def test_the_library_is_loaded_once_whatever_the_checkout_folder_is_called():
+    """Every module from the library's folders is a ``sockserve`` module (tests/checkout_root.py)."""
+    library = [ROOT / "__init__.py", *(ROOT / d for d in ("core", "concurrency", "transports",
+                                                         "plugins", "testing"))]
+    import sockserve  # noqa: F401 - with the built-ins below loaded
+    import sockserve.concurrency._prefork  # noqa: F401
+    import sockserve.plugins._stats  # noqa: F401
+
+    loaded = {}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and any(Path(file).resolve() == p or p in Path(file).resolve().parents
+                        for p in library):
+            loaded[name] = file
+    # The suite tests this checkout, installed (pip install -e): not another copy.
+    assert Path(sockserve.__file__).resolve() == ROOT / "__init__.py"
+    assert {"sockserve", "sockserve.core._server", "sockserve.concurrency._prefork"} <= set(loaded)
+    strays = sorted(name for name in loaded if name != "sockserve" and not name.startswith("sockserve."))
+    assert not strays, f"library modules loaded under other names: {strays}"
