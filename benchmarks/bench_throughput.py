@@ -9,7 +9,8 @@ with the standard ``socketserver`` (and asyncio streams and uvloop as references
 
 Needs: a C compiler (``cc``) for the load generator, ``wrk`` for the HTTP scenarios
 (``apt-get install wrk``; without it they are skipped), and, in the environment that runs
-this script, ``uvloop`` (missing: its contender is skipped, its goals not measured) and,
+this script, ``uvloop`` (missing: its two contenders are skipped, with a printed reason, and
+the goals against it read "not measured") and,
 for ``--plot``, ``matplotlib``.
 
 Scenarios (the same handler code for every socketserver-style server, its base class
@@ -26,9 +27,13 @@ taken from the module under test; asyncio/uvloop use streams, or a DatagramProto
 
 Strategies: the standard ``ThreadingTCPServer`` / ``ThreadingUDPServer`` /
 ``ForkingTCPServer``; sockserve's ``threadpool`` (defaults: cpu_count + 4 threads) and
-``prefork`` (defaults: cpu_count workers, ``inner="sync"``); asyncio streams and uvloop.
+``prefork`` (defaults: cpu_count workers, ``inner="sync"``); asyncio streams and uvloop in
+one process, and ``uvloop-reuseport``: uvloop in cpu_count processes, each with its own
+listening socket on the same port (``SO_REUSEPORT``), the multi-process reference with as
+many processes as prefork. Each goal compares a sockserve strategy with one contender, and
+the run prints which (``goal for``), with how many processes on each side.
 A pool thread is held by a keep-alive connection for as long as it stays open, so in the
-keep-alive scenarios the pools get one thread per connection (threadpool ``workers=C``;
+keep-alive scenarios the pools get one thread per connection (threadpool ``threads=C``;
 prefork ``inner="threadpool", threads=C`` in each worker, as one worker may accept all).
 Every listening socket gets a backlog of 128 (``request_queue_size``; asyncio's
 ``backlog``): the standard classes' 5 drops SYNs under 8 concurrent connects, and a dropped
@@ -89,15 +94,10 @@ import importlib
 import importlib.util
 import json
 import os
-import platform
 import re
 import resource
-import select
 import shutil
-import signal
 import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -105,20 +105,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-HOST = "127.0.0.1"
-#: The load generator's source, next to this file; compiled at run time.
-LOADGEN_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loadgen.c")
-SIZE = 64  # bytes per echo request
+import _harness as h
+from _harness import CHILD_GRACE, HOST, LINE_TIMEOUT, Child
+
+SIZE = len(h.PAYLOAD)  # bytes per echo request (the load generator sends 64)
 #: Listen backlog of every server (see the module docstring).
 BACKLOG = 128
-#: serve_forever's documented default; shutdown() is made prompt by poking the server.
-POLL_INTERVAL = 0.5
 #: Seconds after which an unanswered request counts as failed (load generator, wrk).
 REQUEST_TIMEOUT = 2.0
-#: Seconds a child may live past its planned work before its watchdog ends it.
-CHILD_GRACE = 30.0
-#: Seconds the parent waits for one line of a child's protocol.
-LINE_TIMEOUT = 30.0
+#: Processes of the ``uvloop-reuseport`` contender: one per CPU, as many as prefork's
+#: default workers (``os.cpu_count()``), so that the two multi-process servers compare
+#: like with like.
+REUSEPORT_PROCESSES = os.cpu_count() or 1
 #: A slice of load in which the machine ran less than this share of the time is left out
 #: of the slice median (in the JSON output only).
 MIN_RUNNING = 0.3
@@ -147,7 +145,16 @@ class Contender:
         if self.family == "sockserve":
             opts = ", ".join(f"{k}={v!r}" for k, v in self.options)
             return f"sockserve {self.what}" + (f" ({opts})" if opts else " (defaults)")
-        return f"{self.family} {'DatagramProtocol' if self.what == 'udp' else 'streams'}"
+        api = "DatagramProtocol" if self.what == "udp" else "streams"
+        processes = self.processes
+        if processes:
+            return f"{self.family} {api}, {processes} processes, one listening socket each on SO_REUSEPORT"
+        return f"{self.family} {api}, 1 process"
+
+    @property
+    def processes(self) -> int:
+        """Processes of an asyncio/uvloop contender that runs several (0: one, no fork)."""
+        return int(dict(self.options).get("processes", 0))
 
 
 @dataclass(frozen=True)
@@ -166,10 +173,13 @@ class Scenario:
 
 
 def scenarios(concurrency: int, wrk_connections: int) -> dict[str, Scenario]:
-    keep_pool = (("workers", concurrency),)
+    # threadpool's thread count is ``threads`` (0.1 called it ``workers``, now prefork's
+    # name for processes).
+    keep_pool = (("threads", concurrency),)
     keep_prefork = (("inner", "threadpool"), ("threads", concurrency))
-    http_pool = (("workers", wrk_connections),)
+    http_pool = (("threads", wrk_connections),)
     http_prefork = (("inner", "threadpool"), ("threads", wrk_connections))
+    reuseport = (("processes", REUSEPORT_PROCESSES),)
     return {
         "tcp-conn": Scenario("conn", "conn/s", {
             "ThreadingTCPServer": Contender("stdlib", "ThreadingTCPServer"),
@@ -178,6 +188,7 @@ def scenarios(concurrency: int, wrk_connections: int) -> dict[str, Scenario]:
             "prefork": Contender("sockserve", "prefork"),
             "asyncio": Contender("asyncio"),
             "uvloop": Contender("uvloop"),
+            "uvloop-reuseport": Contender("uvloop", "", reuseport),
         }),
         "udp": Scenario("udp", "datagrams/s", {
             "ThreadingUDPServer": Contender("stdlib", "ThreadingUDPServer"),
@@ -185,6 +196,7 @@ def scenarios(concurrency: int, wrk_connections: int) -> dict[str, Scenario]:
             "prefork": Contender("sockserve", "prefork"),
             "asyncio": Contender("asyncio", "udp"),
             "uvloop": Contender("uvloop", "udp"),
+            "uvloop-reuseport": Contender("uvloop", "udp", reuseport),
         }),
         "tcp-keepalive": Scenario("keep", "req/s", {
             "ThreadingTCPServer": Contender("stdlib", "ThreadingTCPServer"),
@@ -192,6 +204,7 @@ def scenarios(concurrency: int, wrk_connections: int) -> dict[str, Scenario]:
             "prefork": Contender("sockserve", "prefork", keep_prefork),
             "asyncio": Contender("asyncio"),
             "uvloop": Contender("uvloop"),
+            "uvloop-reuseport": Contender("uvloop", "", reuseport),
         }),
         "http-close": Scenario("http-close", "req/s", {
             "ThreadingTCPServer": Contender("stdlib", "ThreadingTCPServer"),
@@ -211,19 +224,40 @@ SCENARIO_NAMES = ("tcp-conn", "udp", "tcp-keepalive", "http-close", "http-keepal
 
 @dataclass(frozen=True)
 class Goal:
+    """A sockserve strategy (``num``) against one contender (``den``) in one scenario.
+
+    ``target`` None: a reference comparison, printed with the goals but not one of them.
+    """
+
     label: str
     scenario: str
     metric: str  # rate or cpu
     num: str
     den: str
-    target: float
+    target: float | None
 
     @property
     def higher(self) -> bool:
         return self.metric == "rate"
 
-    def met(self, ratio: float) -> bool:
+    def met(self, ratio: float) -> bool | None:
+        if self.target is None:
+            return None
         return ratio >= self.target if self.higher else ratio <= self.target
+
+    @property
+    def compares(self) -> str:
+        """How many processes serve on each side: what the ratio compares."""
+        return f"{processes(self.num)} vs {processes(self.den)}"
+
+
+def processes(name: str) -> str:
+    """The processes that serve for contender *name* (with the defaults of this script)."""
+    if name == "prefork" or name == "uvloop-reuseport":
+        return f"{REUSEPORT_PROCESSES} proc"
+    if name == "ForkingTCPServer":
+        return "proc/conn"
+    return "1 proc"
 
 
 GOALS = (
@@ -237,27 +271,31 @@ GOALS = (
     Goal("threadpool/ThreadingTCPServer http close req/s", "http-close", "rate", "threadpool", "ThreadingTCPServer", 1.5),
     Goal("prefork/ThreadingTCPServer http close req/s", "http-close", "rate", "prefork", "ThreadingTCPServer", 2.5),
 )
+#: prefork against uvloop with as many processes (issue 8, item 12): the goals above
+#: compare prefork's cpu_count processes with one uvloop process. No target is set for
+#: these yet; they are printed with the goals, marked "ref", and not counted in "goals met".
+REFERENCES = (
+    Goal("prefork/uvloop-reuseport conn/s", "tcp-conn", "rate", "prefork", "uvloop-reuseport", None),
+    Goal("prefork/uvloop-reuseport CPU/conn", "tcp-conn", "cpu", "prefork", "uvloop-reuseport", None),
+    Goal("prefork/uvloop-reuseport datagrams/s", "udp", "rate", "prefork", "uvloop-reuseport", None),
+    Goal("prefork/uvloop-reuseport keep-alive req/s", "tcp-keepalive", "rate", "prefork", "uvloop-reuseport", None),
+)
+
+
+def goal_labels(scenario: str, names: list[str]) -> dict[str, str]:
+    """For each contender of *scenario* that a goal measures against: which strategies."""
+    out: dict[str, str] = {}
+    for name in names:
+        goal_of = sorted({g.num for g in GOALS if g.scenario == scenario and g.den == name})
+        ref_of = sorted({g.num for g in REFERENCES if g.scenario == scenario and g.den == name})
+        parts = [f"goal for {', '.join(goal_of)}"] if goal_of else []
+        parts += [f"reference for {', '.join(ref_of)} (no goal)"] if ref_of else []
+        if parts:
+            out[name] = " [" + "; ".join(parts) + "]"
+    return out
 
 
 # --------------------------------------------------------------------------- servers (children)
-
-
-def _watchdog(seconds: float) -> None:
-    timer = threading.Timer(seconds, os._exit, args=(3,))
-    timer.daemon = True
-    timer.start()
-
-
-def _echo_once(self: Any) -> None:
-    """Read one 64-byte request, send it back (the server then closes the connection)."""
-    sock = self.request
-    data = b""
-    while len(data) < SIZE:
-        chunk = sock.recv(SIZE - len(data))
-        if not chunk:
-            return
-        data += chunk
-    sock.sendall(data)
 
 
 def _echo_loop(self: Any) -> None:
@@ -271,11 +309,6 @@ def _echo_loop(self: Any) -> None:
                 return
             data += chunk
         sock.sendall(data)
-
-
-def _echo_dgram(self: Any) -> None:
-    data, sock = self.request
-    sock.sendto(data, self.client_address)
 
 
 def _page_handler() -> type:
@@ -306,8 +339,8 @@ def make_server(scenario: Scenario, contender: Contender) -> Any:
         handler: type = _page_handler()
     else:
         base_module = importlib.import_module("socketserver" if contender.family == "stdlib" else "sockserve")
-        handle = {"conn": _echo_once, "keep": _echo_loop, "udp": _echo_dgram}[scenario.kind]
-        handler = type("EchoHandler", (base_module.BaseRequestHandler,), {"handle": handle})
+        handle = {"conn": h.echo_stream, "keep": _echo_loop, "udp": h.echo_dgram}[scenario.kind]
+        handler = h.handler_class(base_module, handle)
     if contender.family == "stdlib":
         import socketserver
 
@@ -320,17 +353,6 @@ def make_server(scenario: Scenario, contender: Contender) -> Any:
     return cls((HOST, 0), handler)
 
 
-def _poke(kind: str, port: int) -> None:
-    type_ = socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
-    with socket.socket(socket.AF_INET, type_) as poke:
-        poke.settimeout(1.0)
-        try:
-            poke.connect((HOST, port))
-            poke.send(b"")
-        except OSError:
-            pass
-
-
 class _Accounting:
     """What a server child reports at the end: context switches and, with --profile, calls.
 
@@ -340,23 +362,15 @@ class _Accounting:
     """
 
     def __init__(self, profile: bool) -> None:
-        self.profile = profile
-        self.profiles: list[Any] = []
+        self.profiles = h.ThreadProfiles() if profile else None
+        self.stats: Any = None
         self.self0 = self.children0 = None
         self.live0 = (0, 0)
 
-    def _start_thread(self, *args: Any) -> None:
-        import cProfile
-
-        profile = cProfile.Profile()
-        self.profiles.append(profile)  # list.append is atomic
-        profile.enable()  # replaces this hook for the rest of the thread
-
     def start(self) -> None:
         self.mark()
-        if self.profile:
-            threading.setprofile(self._start_thread)
-            self._start_thread()
+        if self.profiles is not None:
+            self.profiles.install(this_thread=True)
 
     def mark(self) -> None:
         """Start counting context switches here (the end of the warm-up)."""
@@ -367,10 +381,8 @@ class _Accounting:
 
     def stop_self(self) -> None:
         """Before shutting down: this process's own counts (all its threads)."""
-        if self.profile:
-            threading.setprofile(None)  # type: ignore[arg-type]
-            for profile in list(self.profiles):
-                profile.disable()
+        if self.profiles is not None:
+            self.stats = self.profiles.stop()
         self.self1 = resource.getrusage(resource.RUSAGE_SELF)
 
     def report(self, top: int) -> dict[str, Any]:
@@ -382,13 +394,10 @@ class _Accounting:
             "children_nvcsw": children1.ru_nvcsw - self.children0.ru_nvcsw - self.live0[0],
             "children_nivcsw": children1.ru_nivcsw - self.children0.ru_nivcsw - self.live0[1],
         }
-        if self.profile and self.profiles:
+        if self.stats is not None:
             import io
-            import pstats
 
-            stats = pstats.Stats(self.profiles[0])
-            for profile in self.profiles[1:]:
-                stats.add(profile)
+            stats = self.stats
             text = io.StringIO()
             stats.stream = text  # type: ignore[attr-defined]
             stats.sort_stats("tottime").print_stats(top)
@@ -433,43 +442,29 @@ def serve_main(
     With *profile_top*, profile the server (see ``_Accounting``) and put the top functions
     in the JSON line.
     """
-    _watchdog(life)
+    h.watchdog(life)
     scenario = scenarios(concurrency, wrk_conns)[scenario_name]
     contender = scenario.contenders[contender_name]
     accounting = _Accounting(profile_top > 0)
     if contender.family in ("asyncio", "uvloop"):
-        _serve_asyncio(scenario, contender, accounting, profile_top)
+        if contender.processes:
+            _serve_reuseport(scenario, contender, accounting, profile_top, life)
+        else:
+            _serve_asyncio(scenario, contender, accounting, profile_top)
         return
     server = make_server(scenario, contender)
-    port = server.server_address[1]
-    accounting.start()
-    thread = threading.Thread(target=server.serve_forever, args=(POLL_INTERVAL,), name="serve_forever")
-    thread.start()
-    sys.stdout.write(f"PORT {port}\n")
-    sys.stdout.flush()
-    for line in sys.stdin:
-        if line.strip() == "mark":
-            accounting.mark()
-            sys.stdout.write("OK\n")
-            sys.stdout.flush()
-        elif line.strip() == "stop":
-            break
-    _watchdog(CHILD_GRACE)  # stopping is bounded too
+    accounting.start()  # before the serving thread starts, so that it is profiled
+    serving = h.ServingThread(server)
+    h.announce_port(server.server_address[1])
+    h.serve_commands(accounting.mark)
+    h.watchdog(CHILD_GRACE)  # stopping is bounded too
     accounting.stop_self()
-    stopper = threading.Thread(target=server.shutdown, name="shutdown")
-    stopper.start()
-    deadline = time.monotonic() + CHILD_GRACE
-    while stopper.is_alive() and time.monotonic() < deadline:
-        _poke(scenario.kind, port)  # the standard module's loop only looks every poll_interval
-        stopper.join(0.05)
-    thread.join(CHILD_GRACE)
-    server.server_close()
+    serving.stop(poke_loop=True)  # the standard module's loop only looks every poll_interval
     leaked = contender.family == "sockserve" and "socketserver" in sys.modules and not scenario.uses_wrk
-    sys.stdout.write(json.dumps({"imported_stdlib": leaked, **accounting.report(profile_top)}) + "\n")
-    sys.stdout.flush()
+    h.report({"imported_stdlib": leaked, **accounting.report(profile_top)})
 
 
-def _serve_asyncio(scenario: Scenario, contender: Contender, accounting: _Accounting, profile_top: int) -> None:
+def _new_loop(contender: Contender) -> Any:
     import asyncio
 
     if contender.family == "uvloop":
@@ -479,6 +474,12 @@ def _serve_asyncio(scenario: Scenario, contender: Contender, accounting: _Accoun
     else:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    return loop
+
+
+async def _open_endpoint(loop: Any, scenario: Scenario, port: int, reuse_port: bool) -> tuple[int, Any]:
+    """Listen on (HOST, *port*) with the scenario's echo; return the port and a closer."""
+    import asyncio
 
     async def echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -506,207 +507,120 @@ def _serve_asyncio(scenario: Scenario, contender: Contender, accounting: _Accoun
         def datagram_received(self, data: bytes, addr: Any) -> None:
             self.transport.sendto(data, addr)
 
+    if scenario.kind == "udp":
+        transport, _ = await loop.create_datagram_endpoint(
+            EchoDatagram, local_addr=(HOST, port), reuse_port=reuse_port or None
+        )
+        return transport.get_extra_info("sockname")[1], transport.close
+    handler = echo_once if scenario.kind == "conn" else echo_loop
+    server = await asyncio.start_server(handler, HOST, port, backlog=BACKLOG, reuse_port=reuse_port or None)
+    return server.sockets[0].getsockname()[1], server.close
+
+
+def _serve_asyncio(scenario: Scenario, contender: Contender, accounting: _Accounting, profile_top: int) -> None:
+    loop = _new_loop(contender)
+
     async def main() -> None:
         stopped = loop.create_future()
 
         def watch_stdin() -> None:
-            for line in sys.stdin:
-                if line.strip() == "mark":
-                    accounting.mark()  # getrusage covers every thread: any thread may ask
-                    sys.stdout.write("OK\n")
-                    sys.stdout.flush()
-                elif line.strip() == "stop":
-                    break
+            # getrusage covers every thread: any thread may mark
+            h.serve_commands(accounting.mark)
             loop.call_soon_threadsafe(lambda: stopped.done() or stopped.set_result(None))
 
-        if scenario.kind == "udp":
-            transport, _ = await loop.create_datagram_endpoint(EchoDatagram, local_addr=(HOST, 0))
-            port = transport.get_extra_info("sockname")[1]
-            closer = transport.close
-        else:
-            handler = echo_once if scenario.kind == "conn" else echo_loop
-            server = await asyncio.start_server(handler, HOST, 0, backlog=BACKLOG)
-            port = server.sockets[0].getsockname()[1]
-            closer = server.close
-        sys.stdout.write(f"PORT {port}\n")
-        sys.stdout.flush()
+        port, closer = await _open_endpoint(loop, scenario, 0, reuse_port=False)
+        h.announce_port(port)
         threading.Thread(target=watch_stdin, daemon=True).start()
         accounting.start()
         await stopped
         accounting.stop_self()
-        _watchdog(CHILD_GRACE)
+        h.watchdog(CHILD_GRACE)
         closer()
 
     loop.run_until_complete(main())
     loop.close()
-    sys.stdout.write(json.dumps({"imported_stdlib": False, **accounting.report(profile_top)}) + "\n")
-    sys.stdout.flush()
+    h.report({"imported_stdlib": False, **accounting.report(profile_top)})
+
+
+def _serve_reuseport(
+    scenario: Scenario, contender: Contender, accounting: _Accounting, profile_top: int, life: float
+) -> None:
+    """``contender.processes`` event-loop processes, each listening on the same port.
+
+    This process reserves a port (a socket with SO_REUSEPORT bound to port 0, never
+    listening), forks the workers, waits until each has bound its own SO_REUSEPORT socket
+    to that port, then closes the reservation, so the kernel spreads connections (or
+    datagrams) over the workers' sockets only. It then only relays the parent's commands;
+    its counters take in the workers once they are reaped, as for prefork. A worker stops
+    when the pipe from this process reaches end of file: at 'stop', or if this process dies.
+    """
+    sock_type = socket.SOCK_DGRAM if scenario.kind == "udp" else socket.SOCK_STREAM
+    reservation = socket.socket(socket.AF_INET, sock_type)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reservation.bind((HOST, 0))
+    port = reservation.getsockname()[1]
+    ready_r, ready_w = os.pipe()
+    life_r, life_w = os.pipe()
+    pids = []
+    for _ in range(contender.processes):
+        pid = os.fork()
+        if pid == 0:  # a worker
+            status = 1
+            try:
+                reservation.close()
+                os.close(ready_r)
+                os.close(life_w)
+                h.watchdog(life)  # timers do not survive fork
+                _reuseport_worker(scenario, contender, port, ready_w, life_r)
+                status = 0
+            finally:
+                os._exit(status)
+        pids.append(pid)
+    os.close(ready_w)
+    os.close(life_r)
+    ready = b""
+    deadline = time.monotonic() + LINE_TIMEOUT
+    while len(ready) < len(pids) and time.monotonic() < deadline:
+        chunk = os.read(ready_r, 64)  # every worker writes one byte, or exits (end of file)
+        if not chunk:
+            break
+        ready += chunk
+    os.close(ready_r)
+    reservation.close()
+    if len(ready) < len(pids):
+        raise RuntimeError(f"only {len(ready)} of {len(pids)} SO_REUSEPORT workers started")
+    h.announce_port(port)
+    accounting.start()
+    h.serve_commands(accounting.mark)
+    accounting.stop_self()
+    h.watchdog(CHILD_GRACE)
+    os.close(life_w)  # the workers' stop signal
+    for pid in pids:
+        os.waitpid(pid, 0)  # reaped: their context switches count in RUSAGE_CHILDREN
+    h.report({"imported_stdlib": False, **accounting.report(profile_top)})
+
+
+def _reuseport_worker(scenario: Scenario, contender: Contender, port: int, ready_fd: int, life_fd: int) -> None:
+    loop = _new_loop(contender)
+
+    async def main() -> None:
+        stopped = loop.create_future()
+        _, closer = await _open_endpoint(loop, scenario, port, reuse_port=True)
+        os.write(ready_fd, b".")
+        os.close(ready_fd)
+        loop.add_reader(life_fd, lambda: stopped.done() or stopped.set_result(None))
+        await stopped
+        loop.remove_reader(life_fd)
+        closer()
+
+    loop.run_until_complete(main())
+    loop.close()
 
 
 # --------------------------------------------------------------------------- parent side
 
 
-class Child:
-    """A child process with a line protocol over its stdin/stdout, read with timeouts."""
-
-    def __init__(
-        self, argv: list[str], registry: list[Child], cpus: set[int] | None = None, stdin: bool = True,
-        stderr_path: str = "",
-    ):
-        self.stderr_path = stderr_path
-        stderr = open(stderr_path, "wb") if stderr_path else None
-        try:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                bufsize=0,
-            )
-        finally:
-            if stderr is not None:
-                stderr.close()
-        registry.append(self)
-        self.pid = self.proc.pid
-        self._buffer = b""
-        self.rusage: Any = None
-        self.descendants: dict[int, int] = {}  # pid -> start time, seen while it ran
-        if cpus:
-            try:
-                os.sched_setaffinity(self.pid, cpus)
-            except OSError:
-                pass
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(line.encode() + b"\n")
-        except BrokenPipeError:
-            pass
-
-    def readline(self, timeout: float = LINE_TIMEOUT) -> str:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError(f"child {self.pid} ({self.proc.args[1:3]}) said nothing for {timeout}s")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise RuntimeError(
-                    f"child {self.pid} ({self.proc.args[1:4]}) exited (status {self.proc.poll()})"
-                    + self._stderr_tail()
-                )
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line.decode()
-
-    def read_all(self, timeout: float) -> str:
-        """Everything the child writes until it closes its output (for wrk)."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError(f"child {self.pid} did not finish within {timeout}s")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return self._buffer.decode(errors="replace")
-            self._buffer += chunk
-
-    def wait_rusage(self, timeout: float) -> int | None:
-        """Reap the child with wait4 (keeping its resource usage); kill it on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                pid, status, rusage = os.wait4(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return self.proc.returncode
-            if pid:
-                self.rusage = rusage
-                self.proc.returncode = os.waitstatus_to_exitcode(status)
-                return self.proc.returncode
-            if time.monotonic() > deadline:
-                self.kill()
-                return None
-            time.sleep(0.01)
-
-    def _stderr_tail(self, lines: int = 12) -> str:
-        if not self.stderr_path:
-            return ""
-        try:
-            with open(self.stderr_path, "rb") as fh:
-                tail = fh.read().decode(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return ""
-        return ("; its stderr ends:\n" + "\n".join(tail)) if tail else ""
-
-    def handler_errors(self) -> int:
-        """Tracebacks the server printed through handle_error (its stderr goes to a file)."""
-        if not self.stderr_path:
-            return 0
-        try:
-            with open(self.stderr_path, "rb") as fh:
-                return fh.read().count(b"Exception occurred during processing of request")
-        except OSError:
-            return 0
-
-    def kill(self) -> None:
-        """Kill this child (by pid) if it runs, reap it, then any descendant left behind."""
-        if self.proc.returncode is None and self.proc.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid, started in self.descendants.items():
-            if _start_time(pid) == started:  # still the process we saw, not a reused pid
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-
-    def end(self, timeout: float = 10.0) -> None:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        # Descendants (prefork workers) are stopped by the server; give them a moment.
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and any(
-            _start_time(pid) == started for pid, started in self.descendants.items()
-        ):
-            time.sleep(0.02)
-        self.kill()
-
-
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read().decode()
-    except OSError:
-        return None
-    # The command name is in parentheses and may hold spaces: split after it.
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def _start_time(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields else None
 
 
 def process_table() -> dict[int, tuple[int, float, int]]:
@@ -715,7 +629,7 @@ def process_table() -> dict[int, tuple[int, float, int]]:
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        fields = _stat_fields(int(name))
+        fields = h._stat_fields(int(name))
         if fields is None:
             continue
         # After the command: state ppid ... utime(14) stime(15) cutime(16) cstime(17) ... starttime(22)
@@ -760,22 +674,8 @@ def machine_shares(before: dict[str, float], after: dict[str, float], wall: floa
 
 
 def _pinning(mode: str) -> tuple[set[int] | None, set[int] | None]:
-    if mode == "none" or not hasattr(os, "sched_getaffinity"):
-        return None, None
-    cpus = sorted(os.sched_getaffinity(0))
-    if mode == "same" or len(cpus) < 2:
-        return {cpus[-1]}, {cpus[-1]}
-    return set(cpus[1:]), {cpus[0]}
-
-
-def compile_loadgen(tmp: str) -> str:
-    source = LOADGEN_SOURCE
-    binary = os.path.join(tmp, "loadgen")
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise SystemExit("no C compiler (cc) found: the load generator is compiled at run time")
-    subprocess.run([compiler, "-O2", "-pthread", "-o", binary, source, "-lm"], check=True, timeout=120)
-    return binary
+    """(servers, load generator) CPU sets: under ``split`` the load generator gets the first."""
+    return h.pinning(mode, servers_on_first=False)
 
 
 def start_servers(
@@ -786,10 +686,10 @@ def start_servers(
     servers = {}
     for name in order:
         servers[name] = Child(
-            [
-                sys.executable, os.path.abspath(__file__), "_serve", scenario_name, name, str(life),
+            h.script_argv(
+                __file__, "_serve", scenario_name, name, str(life),
                 str(args.concurrency), str(args.wrk_connections), str(getattr(args, "profile_top", 0)),
-            ],
+            ),
             children,
             server_cpus,
             stderr_path=os.path.join(args.tmp, f"{scenario_name}-{name}-{len(children)}.stderr"),
@@ -811,16 +711,6 @@ def stop_servers(servers: dict[str, Child], check_imports: bool) -> dict[str, di
         for server in servers.values():
             server.end()
     return reports
-
-
-def _ports(servers: dict[str, Child]) -> dict[str, int]:
-    ports = {}
-    for name, server in servers.items():
-        words = server.readline().split()
-        if len(words) != 2 or words[0] != "PORT":
-            raise RuntimeError(f"server {name} said {words!r} instead of its port")
-        ports[name] = int(words[1])
-    return ports
 
 
 class Probe:
@@ -874,7 +764,7 @@ def round_loadgen(
     total = args.duration * len(order)
     try:
         servers = start_servers(scenario_name, order, args, children)
-        ports = _ports(servers)
+        ports = h.read_ports(servers)
         client = Child(
             [
                 loadgen, scenario.kind, str(args.concurrency), str(args.duration), str(args.slice),
@@ -885,11 +775,7 @@ def round_loadgen(
         )
         if client.readline() != "READY":
             raise RuntimeError("the load generator did not get ready")
-        for server in servers.values():
-            server.send("mark")
-        for name, server in servers.items():
-            if server.readline() != "OK":
-                raise RuntimeError(f"server {name} did not mark its counters")
+        h.mark_all(servers)
         probe = Probe(loadgen, total + REQUEST_TIMEOUT, children)
         table = process_table()
         cpu0 = {n: tree_cpu(table, s) for n, s in servers.items()}
@@ -930,7 +816,7 @@ def round_loadgen(
             "rate": counted / running if running >= MIN_RAN else float("nan"),
             # The median over slices that ran at least MIN_RUNNING of their length (noisier:
             # few slices survive on a machine that stalls most of the time).
-            "rate_slice_median": statistics.median(rates) if rates else float("nan"),
+            "rate_slice_median": h.median(rates),
             "rate_wall": done / args.duration,
             "running": running,
             "cpu_us": cpu / done * 1e6 if done else float("nan"),
@@ -1011,12 +897,10 @@ def round_wrk(
     machine = {"wall": 0.0, "stalled": 0.0, "tasks": 0.0, "irq": 0.0, "steal": 0.0, "loadgen": 0.0, "servers": 0.0}
     try:
         servers = start_servers(scenario_name, order, args, children)
-        ports = _ports(servers)
+        ports = h.read_ports(servers)
         for name in order:
             _http_warmup(ports[name])
-            servers[name].send("mark")
-            if servers[name].readline() != "OK":
-                raise RuntimeError(f"server {name} did not mark its counters")
+            h.mark_all({name: servers[name]})
             argv = [
                 "wrk", "-t1", f"-c{args.wrk_connections}", f"-d{args.wrk_duration}s",
                 f"--timeout={int(REQUEST_TIMEOUT)}s", "--latency",
@@ -1090,25 +974,6 @@ def round_wrk(
 # --------------------------------------------------------------------------- statistics and output
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b and b == b and a == a else float("nan")
-
-
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v == v]
-    if not values:
-        return float("nan"), float("nan")
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
-def _median(values: list[float]) -> float:
-    values = [v for v in values if v == v]
-    return statistics.median(values) if values else float("nan")
-
-
 def summarize(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, Any]:
     table: dict[str, dict[str, dict[str, float]]] = {}
     for scenario, by_name in runs.items():
@@ -1116,42 +981,42 @@ def summarize(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, A
         for name, rounds in by_name.items():
             rates = [r["rate"] for r in rounds if r["rate"] == r["rate"]] or [float("nan")]
             table[scenario][name] = {
-                "rate": _median(rates),
+                "rate": h.median(rates),
                 "rate_min": min(rates),
                 "rate_max": max(rates),
-                "rate_wall": _median([r["rate_wall"] for r in rounds]),
+                "rate_wall": h.median([r["rate_wall"] for r in rounds]),
                 "running": sum(r["running"] for r in rounds),
-                "cpu_us": _median([r["cpu_us"] for r in rounds]),
-                "loadgen_share": _median([r["loadgen_share"] for r in rounds]),
-                "p50_us": _median([r["p50_us"] for r in rounds]),
-                "p99_us": _median([r["p99_us"] for r in rounds]),
+                "cpu_us": h.median([r["cpu_us"] for r in rounds]),
+                "loadgen_share": h.median([r["loadgen_share"] for r in rounds]),
+                "p50_us": h.median([r["p50_us"] for r in rounds]),
+                "p99_us": h.median([r["p99_us"] for r in rounds]),
                 "errors": sum(r["errors"] for r in rounds),
                 "server_errors": sum(r.get("server_errors", 0) for r in rounds),
-                "switches": _median([r["switches"] for r in rounds]),
+                "switches": h.median([r["switches"] for r in rounds]),
                 "done": sum(r["done"] for r in rounds),
             }
     goals = []
-    for goal in GOALS:
+    for goal in (*GOALS, *REFERENCES):
         by_name = runs.get(goal.scenario, {})
+        described = {**goal.__dict__, "compares": goal.compares, "reference": goal.target is None}
         if goal.num not in by_name or goal.den not in by_name:
-            goals.append({"goal": goal.__dict__, "measured": False})
+            goals.append({"goal": described, "measured": False})
             continue
         key = "rate" if goal.metric == "rate" else "cpu_us"
-        per_round = [_ratio(a[key], b[key]) for a, b in zip(by_name[goal.num], by_name[goal.den])]
-        ratio = _ratio(table[goal.scenario][goal.num][key], table[goal.scenario][goal.den][key])
-        if ratio != ratio:  # a side never ran long enough for a rate (the machine stalled)
-            goals.append({"goal": goal.__dict__, "measured": False})
+        # Both sides' figures per round come from the same interleaved load.
+        figure = h.paired([r[key] for r in by_name[goal.den]], [r[key] for r in by_name[goal.num]])
+        if figure["ratio"] != figure["ratio"]:  # a side never ran long enough for a rate (the machine stalled)
+            goals.append({"goal": described, "measured": False})
             continue
-        finite = [r for r in per_round if r == r]
         goals.append({
-            "goal": goal.__dict__,
+            "goal": described,
             "measured": True,
-            "ratio": ratio,
-            "min": min(finite) if finite else float("nan"),
-            "max": max(finite) if finite else float("nan"),
-            "iqr": _quartiles(per_round),
-            "rounds": per_round,
-            "met": goal.met(ratio),
+            "ratio": figure["ratio"],
+            "min": figure["min"],
+            "max": figure["max"],
+            "iqr": figure["iqr"],
+            "rounds": figure["rounds"],
+            "met": goal.met(figure["ratio"]),
         })
     return {"table": table, "goals": goals}
 
@@ -1186,28 +1051,31 @@ def print_results(summary: dict[str, Any], machine: dict[str, list[dict[str, flo
     print("processes (as charged to them); other processes = processes - benchmark:")
     for scenario, rows in machine.items():
         print(
-            f"  {scenario:<15} stalled {_median([r['stalled_share'] for r in rows]):.0%}  "
-            f"processes {_median([r['tasks_share'] for r in rows]):.0%}  "
-            f"irq {_median([r['irq_share'] for r in rows]):.0%}  "
-            f"steal {_median([r['steal_share'] for r in rows]):.0%}  "
-            f"load generator {_median([r['loadgen_share'] for r in rows]):.0%}  "
-            f"servers {_median([r['servers_share'] for r in rows]):.0%}  "
-            f"other processes {_median([r['other_share'] for r in rows]):.0%}"
+            f"  {scenario:<15} stalled {h.median([r['stalled_share'] for r in rows]):.0%}  "
+            f"processes {h.median([r['tasks_share'] for r in rows]):.0%}  "
+            f"irq {h.median([r['irq_share'] for r in rows]):.0%}  "
+            f"steal {h.median([r['steal_share'] for r in rows]):.0%}  "
+            f"load generator {h.median([r['loadgen_share'] for r in rows]):.0%}  "
+            f"servers {h.median([r['servers_share'] for r in rows]):.0%}  "
+            f"other processes {h.median([r['other_share'] for r in rows]):.0%}"
         )
     print()
-    print("Goals: ratio of the medians; min-max and IQR of the per-round ratios.")
-    header = f"{'goal':<48}{'ratio':>8}{'min-max':>13}{'IQR':>13}{'goal':>9}  met"
+    print("Goals: ratio of the medians; min-max and IQR of the per-round ratios; compares: the")
+    print("processes serving on each side (strategy vs contender); ref: a reference, no goal set.")
+    header = f"{'goal':<48}{'ratio':>8}{'min-max':>13}{'IQR':>13}{'goal':>9}  met  compares"
     print(header)
     print("-" * len(header))
     for g in summary["goals"]:
         goal = g["goal"]
         op = ">=" if goal["metric"] == "rate" else "<="
+        target = f"{op:>4}{goal['target']:<5}" if goal["target"] is not None else f"{'ref':>9}"
         if not g["measured"]:
-            print(f"{goal['label']:<48}{'not measured / no data':>34}{op:>4}{goal['target']:<5}  n/a")
+            print(f"{goal['label']:<48}{'not measured / no data':>34}{target}  n/a  {goal['compares']}")
             continue
+        met = "-  " if g["met"] is None else "yes" if g["met"] else "NO "
         print(
             f"{goal['label']:<48}{g['ratio']:>7.2f}x{g['min']:>7.2f}-{g['max']:<5.2f}"
-            f"{g['iqr'][0]:>7.2f}-{g['iqr'][1]:<5.2f}{op:>4}{goal['target']:<5}  {'yes' if g['met'] else 'NO'}"
+            f"{g['iqr'][0]:>7.2f}-{g['iqr'][1]:<5.2f}{target}  {met}  {goal['compares']}"
         )
 
 
@@ -1216,6 +1084,8 @@ def summary_line(summary: dict[str, Any], load: float) -> str:
     met = measured = 0
     for g in summary["goals"]:
         goal = g["goal"]
+        if goal["reference"]:
+            continue  # in the goals table, not in the summary line
         op = ">=" if goal["metric"] == "rate" else "<="
         if not g["measured"]:
             parts.append(f"{goal['label']} n/a")
@@ -1226,7 +1096,7 @@ def summary_line(summary: dict[str, Any], load: float) -> str:
             f"{goal['label']} {g['ratio']:.2f}x ({g['min']:.2f}-{g['max']:.2f}) {op}{goal['target']:g} "
             f"{'met' if g['met'] else 'MISSED'}"
         )
-    return f"SUMMARY goals met {met}/{measured} | " + "; ".join(parts) + f" | load {load:.2f}"
+    return h.summary_line(f"goals met {met}/{measured}", "; ".join(parts), f"load {load:.2f}")
 
 
 def plot(summary: dict[str, Any], path: str, title: str) -> None:
@@ -1248,7 +1118,7 @@ def plot(summary: dict[str, Any], path: str, title: str) -> None:
         low = [rows[n]["rate"] - rows[n]["rate_min"] for n in labels]
         high = [rows[n]["rate_max"] - rows[n]["rate"] for n in labels]
         kinds = [
-            "sockserve" if n in ("threadpool", "prefork") else "ref" if n in ("asyncio", "uvloop") else "stdlib"
+            "sockserve" if n in ("threadpool", "prefork") else "ref" if n.startswith(("asyncio", "uvloop")) else "stdlib"
             for n in labels
         ]
         y = range(len(labels))
@@ -1288,7 +1158,7 @@ def profile_all(
         for strategy in names:
             results, mach = round_loadgen(name, scen[name], [strategy], args, loadgen, children)
             r = results[strategy]
-            forks = strategy in ("prefork", "ForkingTCPServer")
+            forks = strategy in ("prefork", "ForkingTCPServer", "uvloop-reuseport")
             calls = "n/a (requests run in forked processes, not profiled)" if forks else (
                 f"{r.get('calls', float('nan')):.1f}"
             )
@@ -1368,17 +1238,23 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    have_uvloop = importlib.util.find_spec("uvloop") is not None
-    if not have_uvloop:
-        notes.append("uvloop is not installed: its contender is skipped")
+    skipped: set[str] = set()
+    if importlib.util.find_spec("uvloop") is None:
+        skipped |= {"uvloop", "uvloop-reuseport"}
+        notes.append(
+            "uvloop is not installed: contenders uvloop and uvloop-reuseport skipped "
+            "(pip install uvloop); the goals against them read 'not measured'"
+        )
+    elif not hasattr(socket, "SO_REUSEPORT"):
+        skipped.add("uvloop-reuseport")
+        notes.append("socket.SO_REUSEPORT is not available here: contender uvloop-reuseport skipped")
     have_wrk = shutil.which("wrk") is not None
     for name in args.scenarios:
         if scen[name].uses_wrk and not have_wrk:
             notes.append(f"wrk not found: scenario {name} skipped (apt-get install wrk)")
             continue
         names = [n for n in scen[name].contenders if not args.strategies or n in args.strategies]
-        if not have_uvloop:
-            names = [n for n in names if n != "uvloop"]
+        names = [n for n in names if n not in skipped]
         if names:
             chosen[name] = names
     if not chosen:
@@ -1386,17 +1262,18 @@ def main(argv: list[str]) -> int:
         return 2
     load = os.getloadavg()[0]
     started_at = datetime.datetime.now(datetime.timezone.utc)
-    print(
-        f"# {started_at.isoformat(timespec='seconds')}  Python {platform.python_version()}  "
-        f"{platform.machine()}  cpus={os.cpu_count()}  load={load:.2f}  pin={args.pin}"
-    )
+    print(f"{h.machine_line(started_at)}  pin={args.pin}")
     print(
         f"# rounds={args.rounds} duration={args.duration}s/strategy slice={args.slice}s "
         f"warmup={args.warmup}s concurrency={args.concurrency} wrk: {args.wrk_duration}s/strategy, "
         f"{args.wrk_connections} connections"
     )
     for name, names in chosen.items():
-        print(f"# {name}: " + "; ".join(f"{n} = {scen[name].contenders[n].describe()}" for n in names))
+        labels = goal_labels(name, names)
+        print(
+            f"# {name}: "
+            + "; ".join(f"{n} = {scen[name].contenders[n].describe()}{labels.get(n, '')}" for n in names)
+        )
     for note in notes:
         print(f"# NOTE {note}")
     children: list[Child] = []
@@ -1406,20 +1283,18 @@ def main(argv: list[str]) -> int:
     begun = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench_throughput-") as tmp:
         args.tmp = tmp
-        loadgen = compile_loadgen(tmp)  # also the stall probe
+        loadgen = h.compile_loadgen(tmp)  # also the stall probe
         if args.profile:
             try:
                 profile_all(chosen, scen, args, loadgen, children)
             finally:
-                for child in children:
-                    child.kill()
+                h.kill_all(children)
             return 0
         args.profile_top = 0
         try:
             for rnd in range(args.rounds):
                 for index, (name, names) in enumerate(chosen.items()):
-                    shift = (rnd + index) % len(names)
-                    order = names[shift:] + names[:shift]
+                    order = h.rotation(names, rnd + index)
                     if scen[name].uses_wrk:
                         results, mach = round_wrk(name, scen[name], order, args, loadgen, children)
                     else:
@@ -1434,8 +1309,7 @@ def main(argv: list[str]) -> int:
                 )
                 print(f"# round {rnd + 1}/{args.rounds} ({time.monotonic() - begun:.0f}s) {line}", flush=True)
         finally:
-            for child in children:
-                child.kill()
+            h.kill_all(children)
     summary = summarize(runs)
     summary["units"] = {s: scen[s].unit for s in chosen}
     print_results(summary, machine, scen)
@@ -1459,11 +1333,11 @@ def main(argv: list[str]) -> int:
     if args.plot:
         title = (
             f"sockserve throughput, {started_at:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} vCPUs, "
-            f"load {statistics.median(loads):.1f}, {args.rounds} rounds"
+            f"load {h.median(loads):.1f}, {args.rounds} rounds"
         )
         plot(summary, args.plot, title)
         print(f"# plot written to {args.plot}")
-    print(summary_line(summary, statistics.median(loads)))
+    print(summary_line(summary, h.median(loads)))
     return 0
 
 
