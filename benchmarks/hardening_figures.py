@@ -5,9 +5,14 @@
 Not a speed benchmark: each of the eight points of issue 3 measured over real loopback
 sockets for both modules in one run (shutdown latency at poll_interval=10, serve-loop CPU
 at descriptor exhaustion, what a handler sees of a 20,000-byte datagram, the drain
-deadline, Unix socket files, IPv6 literals, listen backlogs, a raising plugin). The tests
+deadline, Unix socket files, IPv6 literals, listen backlogs, a raising hook). The tests
 (tests/test_hardening.py) assert the behaviour; this prints the numbers behind it, one
 line per point and module, then one ``SUMMARY`` line.
+
+Like with like (issue 8, item 12): in every row both modules get the same server class,
+handler and fault; where the standard module has no equivalent (plugin hooks, sockserve's
+strategies and CLI) its column says so ("n/a") instead of standing in with something else.
+The comment above each row's function says what is compared.
 
 Bounds: binds only 127.0.0.1 / ::1 port 0 and a temporary directory (removed at the end).
 Every subprocess is waited for with a timeout and killed by its own pid if it overstays.
@@ -30,10 +35,18 @@ import threading
 import time
 from typing import Any
 
+import _harness as h
+
 import sockserve
 
 MODULES = {"sockserve": sockserve, "socketserver": socketserver}
-LOOP4 = ("127.0.0.1", 0)
+LOOP4 = (h.HOST, 0)
+#: The drain row's handler blocks this long in both modules (a recv with this timeout);
+#: drain_timeout is DRAIN_TIMEOUT for both classes (the standard module ignores it).
+HANDLER_WAIT = 3.0
+DRAIN_TIMEOUT = 0.5
+#: The EMFILE point runs in a process of its own (it lowers its descriptor limit).
+EMFILE_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_emfile_child.py")
 results: dict[str, dict[str, object]] = {}
 
 
@@ -50,9 +63,7 @@ def handler_class(mod):
 
 
 def start(server, poll_interval=0.5):
-    t = threading.Thread(target=server.serve_forever, args=(poll_interval,), daemon=True)
-    t.start()
-    return t
+    return h.ServingThread(server, poll_interval, daemon=True)
 
 
 def ask(address, payload=b"ping", family=socket.AF_INET, timeout=5.0):
@@ -64,6 +75,8 @@ def ask(address, payload=b"ping", family=socket.AF_INET, timeout=5.0):
 
 
 # ------------------------------------------------------------------ 1. shutdown latency
+# Compared: the same TCPServer subclass (counting loop turns) serving at poll_interval=10;
+# seconds from shutdown() to its return, after one request has been served.
 def shutdown_latency(mod):
     turns = []
 
@@ -72,7 +85,7 @@ def shutdown_latency(mod):
             turns.append(time.monotonic())
 
     server = S(LOOP4, handler_class(mod))
-    t = start(server, 10)
+    serving = start(server, 10)
     try:
         assert ask(server.server_address) == b"PING"
         deadline = time.monotonic() + 5
@@ -84,70 +97,17 @@ def shutdown_latency(mod):
         took = time.monotonic() - t0
         idle = time.monotonic() - turns[-1]
     finally:
-        t.join(15)
-        server.server_close()
+        serving.stop(timeout=15)
     return {"shutdown_s": round(took, 4), "loop_idle_before_return_s": round(idle, 3)}
 
 
 # ------------------------------------------------------------------ 2. EMFILE overload
-OVERLOAD = r'''
-import errno, importlib, json, os, resource, socket, sys, threading, time, logging
-mod = importlib.import_module(sys.argv[1])
-records = []
-class Keep(logging.Handler):
-    def emit(self, r): records.append(r.levelname + " " + r.getMessage())
-logging.getLogger("sockserve").addHandler(Keep()); logging.getLogger("sockserve").setLevel(logging.INFO)
-class H(mod.BaseRequestHandler):
-    def handle(self):
-        self.request.settimeout(5); self.request.sendall(self.request.recv(1024).upper())
-class S(mod.TCPServer):
-    emfile = 0; turns = 0
-    def service_actions(self):
-        self.turns += 1
-    def get_request(self):
-        try:
-            return super().get_request()
-        except OSError as e:
-            if e.errno == errno.EMFILE: self.emfile += 1
-            raise
-s = S(("127.0.0.1", 0), H)
-t = threading.Thread(target=s.serve_forever, args=(0.5,), daemon=True); t.start()
-with socket.create_connection(s.server_address, timeout=5) as c:
-    c.sendall(b"warm"); assert c.recv(64) == b"WARM"
-time.sleep(0.1)
-stat = os.open(f"/proc/self/task/{t.native_id}/schedstat", os.O_RDONLY)
-def ran(): return int(os.pread(stat, 256, 0).split()[0]) / 1e9
-client = socket.socket(); client.settimeout(10)
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
-filler = []
-while True:
-    try: filler.append(os.open(os.devnull, os.O_RDONLY))
-    except OSError: break
-client.connect(s.server_address)          # waits in the backlog; accept() gets EMFILE
-deadline = time.monotonic() + 5
-while s.emfile == 0 and time.monotonic() < deadline: time.sleep(0.001)
-time.sleep(0.2)
-e0, tu0, r0, p0, w0 = s.emfile, s.turns, ran(), time.process_time(), time.monotonic()
-time.sleep(2.0)
-e1, tu1, r1, p1, w1 = s.emfile, s.turns, ran(), time.process_time(), time.monotonic()
-for fd in filler: os.close(fd)
-resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-t_free = time.monotonic()
-client.sendall(b"after")
-reply = client.recv(64).decode(); recovered = time.monotonic() - t_free
-client.close()
-s.shutdown(); t.join(5); s.server_close()
-print(json.dumps({"wall_s": round(w1 - w0, 3), "serve_thread_cpu_s": round(r1 - r0, 3),
-    "process_cpu_s": round(p1 - p0, 3), "failed_accepts": e1 - e0, "loop_turns": tu1 - tu0,
-    "reply_after_fds_freed": reply, "recovered_in_s": round(recovered, 3),
-    "log_lines": [x for x in records if "accept" in x]}))
-'''
-
-
+# Compared: the same script (_emfile_child.py) for both modules: a TCPServer whose accept()
+# fails with EMFILE for 2 s; the serving thread's CPU in that window, and whether the
+# waiting client is answered once descriptors are free again.
 def overload(name):
     env = dict(os.environ, SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD="1")
-    proc = subprocess.Popen([sys.executable, "-c", OVERLOAD, name], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, EMFILE_CHILD, name], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         out, err = proc.communicate(timeout=40)
@@ -161,6 +121,8 @@ def overload(name):
 
 
 # ------------------------------------------------------------------ 3. 20,000-byte datagram
+# Compared: the same UDPServer subclass and handler (it answers with the length it got);
+# a 20,000-byte datagram then a 5-byte one: the lengths the handler saw, in order.
 def datagram(mod):
     errors = []
 
@@ -174,7 +136,7 @@ def datagram(mod):
             errors.append(type(sys.exc_info()[1]).__name__)
 
     server = S(LOOP4, LenReply)
-    t = start(server, 0.05)
+    serving = start(server, 0.05)
     seen = []
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
@@ -188,40 +150,48 @@ def datagram(mod):
                 except socket.timeout:
                     break
     finally:
-        server.shutdown(); t.join(5); server.server_close()
+        serving.stop(timeout=5)
     return {"handler_saw_lengths": seen, "max_packet_size": server.max_packet_size,
             "datagrams_truncated": getattr(server, "datagrams_truncated", None),
             "handle_error_saw": errors}
 
 
 # ------------------------------------------------------------------ 4. drain deadline
-def drain(mod, handler_wait):
+# Compared: the same ThreadingTCPServer subclass (drain_timeout=DRAIN_TIMEOUT on both; the
+# standard module has no such setting and ignores it) and the same handler, blocked for
+# HANDLER_WAIT s when shutdown() and server_close() are called: how long server_close()
+# takes, and whether the handler was cut off or ran out its wait. The standard module's
+# server_close() joins the handler threads without a deadline, so its figure is however
+# long the handler runs (here HANDLER_WAIT, the same for both); sockserve's is the deadline.
+def drain(mod):
     outcome = {}
 
     class Waits(mod.BaseRequestHandler):
         def handle(self):
-            self.request.settimeout(handler_wait)
+            self.request.settimeout(HANDLER_WAIT)
             self.request.sendall(b"started")
             try:
                 outcome["handler"] = "cut off (recv got EOF)" if self.request.recv(16) == b"" else "data"
             except socket.timeout:
-                outcome["handler"] = f"ran its full {handler_wait}s"
+                outcome["handler"] = f"ran out its {HANDLER_WAIT}s wait"
 
-    cls = type("S", (mod.ThreadingTCPServer,), {"drain_timeout": 0.5})
+    cls = type("S", (mod.ThreadingTCPServer,), {"drain_timeout": DRAIN_TIMEOUT})
     server = cls(LOOP4, Waits)
-    t = start(server, 0.05)
+    serving = start(server, 0.05)
     with socket.create_connection(server.server_address, timeout=15) as c:
         assert c.recv(16) == b"started"
-        server.shutdown(); t.join(5)
+        serving.stop(close=False, timeout=5)
         t0 = time.monotonic()
         server.server_close()
         outcome["server_close_s"] = round(time.monotonic() - t0, 3)
-    outcome["handler_blocked_for_s"] = handler_wait
+    outcome["handler_blocks_for_s"] = HANDLER_WAIT
     outcome["requests_cut_off"] = getattr(server, "requests_cut_off", None)
     return outcome
 
 
 # ------------------------------------------------------------------ 5. unix socket file
+# Compared: UnixStreamServer of each module, same handler: is the socket file left after
+# server_close(); can a server bind over a stale file; and over a live server's file.
 def unix(mod, tmp):
     r = {}
     path = os.path.join(tmp, f"{mod.__name__}-a.sock")
@@ -231,11 +201,11 @@ def unix(mod, tmp):
     s = socket.socket(socket.AF_UNIX); s.bind(stale); s.close()
     try:
         srv = mod.UnixStreamServer(stale, handler_class(mod))
-        t = start(srv, 0.05)
+        serving = start(srv, 0.05)
         with socket.socket(socket.AF_UNIX) as c:
             c.settimeout(5); c.connect(stale); c.sendall(b"fresh")
             r["bind_over_stale"] = f"works (reply {c.recv(16)!r})"
-        srv.shutdown(); t.join(5); srv.server_close()
+        serving.stop(timeout=5)
     except OSError as e:
         r["bind_over_stale"] = f"{type(e).__name__} errno={errno.errorcode.get(e.errno)}"
     live_path = os.path.join(tmp, f"{mod.__name__}-live.sock")
@@ -250,6 +220,8 @@ def unix(mod, tmp):
 
 
 # ------------------------------------------------------------------ 6. IPv6 literal
+# Compared: TCPServer and UDPServer of each module constructed with ("::1", 0), nothing
+# else set: does it bind and answer over IPv6, or what does it raise.
 def ipv6(mod):
     r = {}
     for name in ("TCPServer", "UDPServer"):
@@ -258,7 +230,7 @@ def ipv6(mod):
         except Exception as e:
             r[name] = f"{type(e).__module__}.{type(e).__name__}: {e}"
             continue
-        t = start(srv, 0.05)
+        serving = start(srv, 0.05)
         try:
             if name == "TCPServer":
                 reply = ask(srv.server_address[:2], b"v6", socket.AF_INET6)
@@ -267,11 +239,14 @@ def ipv6(mod):
                     c.settimeout(5); c.sendto(b"v6", srv.server_address[:2]); reply = c.recv(16)
             r[name] = f"works, AF_INET6, reply {reply!r}"
         finally:
-            srv.shutdown(); t.join(5); srv.server_close()
+            serving.stop(timeout=5)
     return r
 
 
 # ------------------------------------------------------------------ 7. backlog
+# Compared: request_queue_size of the same three classes in each module, and the backlog
+# the kernel shows (ss) for a TCPServer of each. The rows for compose()'d strategies and
+# `sockserve serve` are sockserve's only (no standard-module equivalent, not in SUMMARY).
 def ss_backlog(port):
     out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
                          timeout=10).stdout.split()
@@ -312,7 +287,30 @@ def cli_backlog():
 
 
 # ------------------------------------------------------------------ 8. raising hook
-def raising_hook_ours():
+# 8a compared: the same fault for both modules, a TCPServer subclass whose verify_request
+# override raises ValueError; three requests: how many are answered, and whether
+# serve_forever is still running or raised. (Both modules let the override's exception
+# end serve_forever: sockserve keeps the standard module's behaviour for overrides.)
+def raising_override(mod):
+    class S(mod.TCPServer):
+        def verify_request(self, request, client_address):
+            raise ValueError("boom in verify")
+
+    server = S(LOOP4, handler_class(mod))
+    serving = start(server, 0.05)
+    replies = _three_requests(server.server_address, timeout=1)
+    serving.thread.join(2)
+    alive = serving.thread.is_alive()
+    serving.stop(timeout=5)
+    return {"replies_of_3": replies, "loop_alive_after": "yes" if alive else "no",
+            "serve_forever_raised": [repr(serving.raised)] if serving.raised else []}
+
+
+# 8b compared: nothing on the standard module's side, which has no plugin hooks: its column
+# says n/a. sockserve: a registered plugin whose sockserve_verify_request and
+# sockserve_request_start hooks raise; how many of three requests are answered, and what
+# handle_error saw (the plugin and hook named).
+def raising_plugin_hook():
     errors = []
 
     class Bad:
@@ -333,50 +331,27 @@ def raising_hook_ours():
     manager.register(Bad(), name="bad-plugin")
     try:
         server = S(LOOP4, handler_class(sockserve))
-        t = start(server, 0.05)
-        replies = 0
-        for i in range(3):
-            try:
-                replies += ask(server.server_address, b"r%d" % i, timeout=2) == b"R%d" % i
-            except OSError:
-                pass
-        server.shutdown(); t.join(5); server.server_close()
+        serving = start(server, 0.05)
+        replies = _three_requests(server.server_address, timeout=2)
+        alive = serving.thread.is_alive()
+        serving.stop(timeout=5)
     finally:
         manager.unregister(name="bad-plugin")
-    return {"replies_of_3": replies, "loop_alive_after": "yes" if replies == 3 else "no",
+    return {"replies_of_3": replies, "loop_alive_after": "yes" if alive else "no",
             "handle_error_saw": sorted(set(errors)), "handle_error_calls": len(errors)}
 
 
-def raising_hook_stdlib():
-    """No plugin hooks in the standard module: the nearest equivalent is a raising override
-    of a serve-loop callback (verify_request), which ends serve_forever."""
-    died = []
-
-    class S(socketserver.TCPServer):
-        def verify_request(self, request, client_address):
-            raise ValueError("boom in verify")
-
-    server = S(LOOP4, handler_class(socketserver))
-
-    def run():
-        try:
-            server.serve_forever(0.05)
-        except Exception as e:
-            died.append(repr(e))
-
-    t = threading.Thread(target=run, daemon=True); t.start()
+def _three_requests(address, timeout):
     replies = 0
     for i in range(3):
         try:
-            replies += ask(server.server_address, b"r%d" % i, timeout=1) == b"R%d" % i
+            replies += ask(address, b"r%d" % i, timeout=timeout) == b"R%d" % i
         except OSError:
             pass
-    t.join(2)
-    alive = t.is_alive()
-    if alive:
-        server.shutdown(); t.join(5)
-    server.server_close()
-    return {"replies_of_3": replies, "serve_forever_raised": died, "loop_alive_after": "yes" if alive else "no"}
+    return replies
+
+
+NO_PLUGIN_HOOKS = {"n/a": "the standard module has no plugin hooks"}
 
 
 def main(json_path: str | None = None) -> None:
@@ -385,13 +360,12 @@ def main(json_path: str | None = None) -> None:
         results["1 shutdown, poll_interval=10"] = {n: shutdown_latency(m) for n, m in MODULES.items()}
         results["2 EMFILE overload, 2 s window"] = {n: overload(n) for n in MODULES}
         results["3 20,000-byte datagram"] = {n: datagram(m) for n, m in MODULES.items()}
-        results["4 drain, ThreadingTCPServer, drain_timeout=0.5"] = {
-            "sockserve": drain(sockserve, 10.0), "socketserver": drain(socketserver, 3.0)}
+        results[DRAIN_POINT] = {n: drain(m) for n, m in MODULES.items()}
         results["5 unix socket file"] = {n: unix(m, tmp) for n, m in MODULES.items()}
         results["6 IPv6 literal ('::1', 0)"] = {n: ipv6(m) for n, m in MODULES.items()}
         results["7 backlog"] = {n: backlog(m) for n, m in MODULES.items()}
-        results["8 raising hook"] = {"sockserve": raising_hook_ours(),
-                                     "socketserver": raising_hook_stdlib()}
+        results["8a raising verify_request override"] = {n: raising_override(m) for n, m in MODULES.items()}
+        results["8b raising plugin hook"] = {"sockserve": raising_plugin_hook(), "socketserver": NO_PLUGIN_HOOKS}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if json_path:
@@ -404,24 +378,38 @@ def main(json_path: str | None = None) -> None:
     print(summary(results))
 
 
+DRAIN_POINT = f"4 drain, ThreadingTCPServer, drain_timeout={DRAIN_TIMEOUT}, handler blocks {HANDLER_WAIT:g} s"
+
+
 def summary(r: dict[str, dict[str, Any]]) -> str:
     """One line: each point's figure, sockserve first, the standard module after the slash."""
     ours, std = "sockserve", "socketserver"
     shut = r["1 shutdown, poll_interval=10"]
     emfile = r["2 EMFILE overload, 2 s window"]
     big = r["3 20,000-byte datagram"]
-    drain = r["4 drain, ThreadingTCPServer, drain_timeout=0.5"]
+    drain = r[DRAIN_POINT]
     unix_ = r["5 unix socket file"]
     v6 = r["6 IPv6 literal ('::1', 0)"]
-    hook = r["8 raising hook"]
-    return (
-        f"SUMMARY shutdown {shut[ours]['shutdown_s']}s / {shut[std]['shutdown_s']}s"
-        f" | EMFILE loop CPU {emfile[ours].get('serve_thread_cpu_s')}s / {emfile[std].get('serve_thread_cpu_s')}s per 2 s"
-        f" | 20000-byte datagram seen as {big[ours]['handler_saw_lengths'][:1]} (dropped, reported) / {big[std]['handler_saw_lengths'][:1]}"
-        f" | drain close {drain[ours]['server_close_s']}s / {drain[std]['server_close_s']}s"
-        f" | unix file left {unix_[ours]['file_left_after_server_close']} / {unix_[std]['file_left_after_server_close']}"
-        f" | ::1 TCPServer {v6[ours]['TCPServer'].split(',')[0]} / {v6[std]['TCPServer'].split(':')[0]}"
-        f" | raising hook: {hook[ours]['replies_of_3']}/3 / {hook[std]['replies_of_3']}/3 answered"
+    override = r["8a raising verify_request override"]
+    hook = r["8b raising plugin hook"]
+
+    def cut(fig: dict[str, Any]) -> str:
+        return "cut off" if str(fig.get("handler", "")).startswith("cut off") else "handler ran out"
+
+    def seen(fig: dict[str, Any]) -> str:
+        truncated = fig.get("datagrams_truncated")
+        return f"{fig['handler_saw_lengths'][:1]}" + (f" ({truncated} dropped, counted)" if truncated else "")
+
+    return h.summary_line(
+        f"shutdown {shut[ours]['shutdown_s']}s / {shut[std]['shutdown_s']}s",
+        f"EMFILE loop CPU {emfile[ours].get('serve_thread_cpu_s')}s / {emfile[std].get('serve_thread_cpu_s')}s per 2 s",
+        f"20000-byte datagram seen as {seen(big[ours])} / {seen(big[std])}",
+        f"drain close (handlers block {HANDLER_WAIT:g} s) {drain[ours]['server_close_s']}s {cut(drain[ours])}"
+        f" / {drain[std]['server_close_s']}s {cut(drain[std])}",
+        f"unix file left {unix_[ours]['file_left_after_server_close']} / {unix_[std]['file_left_after_server_close']}",
+        f"::1 TCPServer {v6[ours]['TCPServer'].split(',')[0]} / {v6[std]['TCPServer'].split(':')[0]}",
+        f"raising verify_request override: {override[ours]['replies_of_3']}/3 / {override[std]['replies_of_3']}/3 answered",
+        f"raising plugin hook: {hook[ours]['replies_of_3']}/3 / n/a answered",
     )
 
 
