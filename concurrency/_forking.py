@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import select
 import socket
-import sys
 import threading
-from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, TYPE_CHECKING
 
 import attrs
 
@@ -17,6 +15,11 @@ from ._supervise import exit_child
 from ._drain import drain_deadline, reap, stop_processes
 
 __all__ = ["ForkingMixIn", "exit_child"]
+
+if TYPE_CHECKING:  # what type checkers see under the mixin: the server it is composed over
+    from ..core import BaseServer as _ServerClass
+else:
+    _ServerClass = object
 
 #: The standard module's defaults, kept: handle_request() waits 300 s, and at most 40
 #: children run at once (the 41st request waits for one to exit).
@@ -35,7 +38,7 @@ class ForkingOptions:
 
 
 @declare_options(ForkingOptions)
-class ForkingMixIn:
+class ForkingMixIn(_ServerClass):
     """Handle each request in a new child process.
 
     Exited children are reaped in ``service_actions`` and ``handle_timeout``. At
@@ -64,7 +67,7 @@ class ForkingMixIn:
         reap(children, block=blocking)
         if self._at_limit and len(children) < self.max_children:
             self._at_limit = False
-            self.resume_accepting()  # type: ignore[attr-defined]
+            self.resume_accepting()
 
     def handle_timeout(self) -> None:
         """Reap exited children when handle_request() times out."""
@@ -81,18 +84,18 @@ class ForkingMixIn:
             if self.active_children is None:
                 self.active_children = set()
             self.active_children.add(pid)
-            self.close_request(request)  # type: ignore[attr-defined]
+            self.close_request(request)
             if len(self.active_children) >= self.max_children:
                 self._pause_for(pid)
             return
         # The child must not share the parent's wake-up socket (a handler calling
         # server.shutdown() would wake the parent's loop), nor keep the listening socket
         # open (clients would connect to it after the parent closed it).
-        self.after_fork()  # type: ignore[attr-defined]
+        self.after_fork()
         listening = getattr(self, "socket", None)
         if listening is not None and listening.type == socket.SOCK_STREAM:
             listening.close()
-        exit_child(lambda: 0 if self.run_request(request, client_address) else 1)  # type: ignore[attr-defined]
+        exit_child(lambda: 0 if self.run_request(request, client_address) else 1)
 
     def _pause_for(self, newest: int) -> None:
         """At the limit: stop accepting until one of our children exits.
@@ -101,7 +104,7 @@ class ForkingMixIn:
         in ``service_actions`` and resumes; without pidfds, the loop's turns do.
         """
         self._at_limit = True
-        self.pause_accepting()  # type: ignore[attr-defined]
+        self.pause_accepting()
         if not hasattr(os, "pidfd_open"):
             return
         fds = []
@@ -117,21 +120,21 @@ class ForkingMixIn:
             finally:
                 for fd in fds:
                     os.close(fd)
-            self.resume_accepting()  # type: ignore[attr-defined]
+            self.resume_accepting()
 
         threading.Thread(target=wait, name="sockserve-fork-limit", daemon=True).start()
 
     def server_close(self) -> None:
         """Close the server, then reap the children (see ``block_on_close``)."""
-        super().server_close()  # type: ignore[misc]
+        super().server_close()
         children = self.active_children
         if not children:
             return
         if not self.block_on_close:
             reap(children)
             return
-        late = stop_processes(self, children, drain_deadline(self))  # type: ignore[arg-type]
-        self.requests_cut_off += late  # type: ignore[attr-defined]
+        late = stop_processes(self, children, drain_deadline(self))
+        self.requests_cut_off += late
 
 
 # Report the public home in reprs, tracebacks and pickles.

@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import attrs
 
@@ -26,6 +26,11 @@ from ..core import LISTEN_BACKLOG, OptionError, count, declare_options, flag, te
 from ._supervise import WorkerSlots, fork_worker, reuse_port_socket, stop_on_signals, with_inner_strategy
 
 __all__ = ["PreforkMixIn"]
+
+if TYPE_CHECKING:  # what type checkers see under the mixin: the server it is composed over
+    from ..transports._stream import TCPServer as _ServerClass
+else:
+    _ServerClass = object
 
 log = logging.getLogger("sockserve")
 
@@ -52,7 +57,7 @@ class PreforkOptions:
 
 
 @declare_options(PreforkOptions)
-class PreforkMixIn:
+class PreforkMixIn(_ServerClass):
     """Serve with ``workers`` pre-forked, supervised processes; see the module docstring."""
 
     #: listen() backlog: large, unlike the documented classes' 5 (see LISTEN_BACKLOG).
@@ -72,14 +77,14 @@ class PreforkMixIn:
 
     # ------------------------------------------------------------------ parent
 
-    def server_bind(self: Any) -> None:
+    def server_bind(self) -> None:
         if self.reuse_port:
             if self.address_family not in (socket.AF_INET, socket.AF_INET6):
                 raise OptionError("reuse_port", True, "SO_REUSEPORT needs an inet transport")
             self.allow_reuse_port = True  # the workers' sockets join the parent's group
         super().server_bind()
 
-    def server_activate(self: Any) -> None:
+    def server_activate(self) -> None:
         if self.reuse_port and self.socket_type == socket.SOCK_STREAM:
             # Bound (the port stays ours) but not listening: the kernel spreads
             # connections over listening sockets only, which are the workers'.
@@ -87,7 +92,7 @@ class PreforkMixIn:
             return
         super().server_activate()
 
-    def serve_forever(self: Any, poll_interval: float = POLL_INTERVAL) -> None:
+    def serve_forever(self, poll_interval: float = POLL_INTERVAL) -> None:
         """Worker: serve as usual. Parent: start the workers and supervise them."""
         if self.worker_id is not None:
             super().serve_forever(poll_interval)
@@ -110,14 +115,14 @@ class PreforkMixIn:
                 self._stopped.set()
                 restore()
 
-    def shutdown(self: Any) -> None:
+    def shutdown(self) -> None:
         """Stop serving; in the parent, also wait until every worker is reaped."""
         super().shutdown()
         stopped = self.__dict__.get("_stopped")
         if self.worker_id is None and stopped is not None and self._supervisor != threading.get_ident():
             stopped.wait()
 
-    def service_actions(self: Any) -> None:
+    def service_actions(self) -> None:
         """Parent: reap exited workers and replace them. Worker: notice an orphaning."""
         super().service_actions()
         if self.worker_id is not None:
@@ -127,16 +132,16 @@ class PreforkMixIn:
         elif self._slots is not None:
             self._slots.supervise()
 
-    def _spawn(self: Any, slot: int) -> int:
+    def _spawn(self, slot: int) -> int:
         parent = os.getpid()
         return fork_worker(lambda unblock: self._work(slot, parent, unblock))
 
-    def _stop_workers(self: Any) -> None:
+    def _stop_workers(self) -> None:
         if self._slots is not None:
             # Workers, not requests: the parent does not see what a worker is running.
             self.requests_cut_off += self._slots.stop()
 
-    def server_close(self: Any) -> None:
+    def server_close(self) -> None:
         """Close the server; in the parent, stop any worker still running."""
         super().server_close()
         if self.worker_id is None:
@@ -144,7 +149,7 @@ class PreforkMixIn:
 
     # ------------------------------------------------------------------ worker
 
-    def _work(self: Any, slot: int, parent: int, unblock: Any) -> int:
+    def _work(self, slot: int, parent: int, unblock: Any) -> int:
         self.after_fork()
         self.worker_id, self._parent, self._slots = slot, parent, None
         stop_on_signals(self, worker=True)
@@ -161,7 +166,7 @@ class PreforkMixIn:
             self.server_close()  # the inner strategy drains; no close hooks in a worker
         return 0
 
-    def get_request(self: Any) -> Any:
+    def get_request(self) -> Any:
         """Accept; a worker recycles itself after ``max_requests`` requests."""
         request = super().get_request()
         self._served += 1

@@ -225,7 +225,7 @@ def with_inner_strategy(cls: type, name: str, above: type) -> type:
         return cls
     cached = cls.__dict__.get("_inner_strategy")
     if cached is not None and cached[0] == name:
-        return cached[1]  # type: ignore[no-any-return]
+        return cached[1]
     mixin = (getattr(cls, "sockserve_registry", None) or registry).load("concurrency", name)
     if mixin in cls.__mro__:
         return cls

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import attrs
 
-from ..core._contract import Server
 from ..core._options import declare_options, flag
 from ._drain import drain_deadline, wait_threads
 
 __all__ = ["ThreadingMixIn"]
+
+if TYPE_CHECKING:  # what type checkers see under the mixin: the server it is composed over
+    from ..core import BaseServer as _ServerClass
+else:
+    _ServerClass = object
 
 
 class _RequestThread(threading.Thread):
@@ -45,7 +49,7 @@ class ThreadingOptions:
 
 
 @declare_options(ThreadingOptions)
-class ThreadingMixIn:
+class ThreadingMixIn(_ServerClass):
     """Handle each request in a new thread.
 
     ``server_close()`` waits for the (non-daemon) request threads when ``block_on_close`` is true
@@ -58,7 +62,7 @@ class ThreadingMixIn:
     block_on_close: bool
     _threads: set[threading.Thread] | None = None
 
-    def process_request_thread(self: Server, request: Any, client_address: Any) -> None:
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Run one request in its thread: layers, handler, errors, shut down."""
         self.run_request(request, client_address)
 
@@ -82,10 +86,10 @@ class ThreadingMixIn:
 
     def server_close(self) -> None:
         """Close the server, then wait for the request threads (see ``block_on_close``)."""
-        super().server_close()  # type: ignore[misc]
+        super().server_close()
         threads = self._threads
         if threads:
-            wait_threads(self, threads.copy(), drain_deadline(self))  # type: ignore[arg-type]
+            wait_threads(self, threads.copy(), drain_deadline(self))
 
 
 # Report the public home in reprs, tracebacks and pickles.

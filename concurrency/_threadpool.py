@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import attrs
 
@@ -14,6 +14,11 @@ from ._drain import drain_deadline
 from ._pool import ThreadPool
 
 __all__ = ["ThreadpoolMixIn"]
+
+if TYPE_CHECKING:  # what type checkers see under the mixin: the server it is composed over
+    from ..core import BaseServer as _ServerClass
+else:
+    _ServerClass = object
 
 #: Worker threads by default: concurrent.futures' choice for I/O-bound work (a handler
 #: mostly waits on its socket), at least 5 and at most 32.
@@ -40,7 +45,7 @@ class ThreadpoolOptions:
 
 
 @declare_options(ThreadpoolOptions)
-class ThreadpoolMixIn:
+class ThreadpoolMixIn(_ServerClass):
     """Handle requests on a fixed pool of ``threads`` threads.
 
     At most ``threads`` handlers run at once and at most ``backlog`` accepted requests
@@ -63,7 +68,7 @@ class ThreadpoolMixIn:
     block_on_close: bool
     _pool: ThreadPool | None = None
 
-    def _threadpool(self: Any) -> ThreadPool:
+    def _threadpool(self) -> ThreadPool:
         pool = self._pool
         if pool is None:
             pool = self._pool = ThreadPool(self, self.threads, self.backlog, self.daemon_threads)
@@ -73,7 +78,7 @@ class ThreadpoolMixIn:
         """Queue the request for the pool."""
         self._threadpool().submit(request, client_address)
 
-    def server_close(self: Any) -> None:
+    def server_close(self) -> None:
         """Close the server, then drain and stop the pool (see ``block_on_close``)."""
         server: Server = self
         super().server_close()

@@ -7,7 +7,6 @@ import importlib
 import logging
 import os
 import signal
-import socket
 import sys
 import warnings
 from collections.abc import Sequence
@@ -157,7 +156,7 @@ def _serve(args: argparse.Namespace) -> int:
     server_class = with_options(server_class, options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with server_class(address, handler) as server:
-        stopping = []
+        stopping: list[int] = []
         installer = os.getpid()
 
         def stop(signum: int, frame: Any) -> None:

@@ -53,8 +53,8 @@ class _SocketWriter(io.BufferedIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, b: Any) -> int:  # type: ignore[override]
-        self._checkClosed()  # type: ignore[attr-defined]
+    def write(self, b: Any) -> int:
+        self._checkClosed()
         self._sock.sendall(b)
         with memoryview(b) as view:
             return view.nbytes

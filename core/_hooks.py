@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pluggy
+from pluggy import HookCaller
 
 from . import hookspecs
 from ._errors import HookError, PluginLoadError, PluginLoadWarning
@@ -72,6 +73,22 @@ class HookRelay:
     """What one server class calls: each hook as a caller, or ``None`` when unimplemented."""
 
     __slots__ = ("_manager", "_class_plugins", "__weakref__", *HOOKS)
+    # One per hook of hookspecs (tests/core/test_hooks.py keeps the two lists equal).
+    handle_error: HookCaller | None
+    post_fork: HookCaller | None
+    pre_fork: HookCaller | None
+    request_denied: HookCaller | None
+    request_finish: HookCaller | None
+    request_prepared: HookCaller | None
+    request_start: HookCaller | None
+    serve_start: HookCaller | None
+    serve_stop: HookCaller | None
+    server_activate: HookCaller | None
+    server_close: HookCaller | None
+    server_closed: HookCaller | None
+    service_actions: HookCaller | None
+    verify_request: HookCaller | None
+    worker_exit: HookCaller | None
 
     def __init__(self, manager: PluginManager, class_plugins: tuple[object, ...]) -> None:
         self._manager = manager

@@ -607,7 +607,7 @@ class Registry:
                 }
                 if plugins:
                     name += "With" + "".join(_plugin_stem(p) for p in plugins)
-                    namespace["_sockserve_plugins"] = base._sockserve_plugins + plugins
+                    namespace["_sockserve_plugins"] = (*getattr(base, "_sockserve_plugins", ()), *plugins)
                 cls = self._make_class(name, (*parts, base), namespace)
             self._classes[key] = cls
             for use in uses:
@@ -641,7 +641,7 @@ class Registry:
                 with contextlib.suppress(PluginLoadError):
                     plugin = self.load(kind, plugin_name)
                     if plugin.__name__ == name and plugin.__module__ == "sockserve":
-                        return plugin  # type: ignore[no-any-return]
+                        return plugin
         cls = self._compose_by_name(name)
         if cls is None:
             raise AttributeError(f"module 'sockserve' has no attribute {name!r}")

@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -141,7 +141,13 @@ class BaseServer:
         cls._sockserve_layered = cls.prepare_request is not BaseServer.prepare_request
         close = cls.server_close
         if not getattr(close, "__sockserve_closing__", False):
-            cls.server_close = _closing(close)  # type: ignore[method-assign]
+            setattr(cls, "server_close", _closing(close))  # noqa: B010 - a method replaced
+
+    if TYPE_CHECKING:
+        # Supplied by the transport (``TCPServer``), not here: the standard module's
+        # BaseServer has neither, and neither does this one at run time.
+        def fileno(self) -> int: ...
+        def get_request(self) -> tuple[Any, Any]: ...
 
     def __init__(self, server_address: Any, RequestHandlerClass: Any) -> None:
         """Store the address and handler class; subclasses create and bind the socket.

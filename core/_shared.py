@@ -61,7 +61,7 @@ def plugin_state(server: object, key: object, factory: Callable[[], T]) -> T:
     states: dict[object, Any] | None = vars(server).get(_STATE_ATTR)
     if states is not None:
         try:
-            return states[key]  # type: ignore[no-any-return]
+            return states[key]
         except KeyError:
             pass
     with _state_lock:
@@ -69,7 +69,7 @@ def plugin_state(server: object, key: object, factory: Callable[[], T]) -> T:
         assert states is not None
         if key not in states:
             states[key] = factory()
-        return states[key]  # type: ignore[no-any-return]
+        return states[key]
 
 
 # --------------------------------------------------------------------------- shared counters

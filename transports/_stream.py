@@ -55,7 +55,7 @@ class TCPServer(BaseServer):
         closed before the error propagates.
     """
 
-    address_family = socket.AF_INET
+    address_family: int = socket.AF_INET
     socket_type = socket.SOCK_STREAM
     # Options (StreamOptions declares them and their defaults).
     request_queue_size: int
@@ -164,7 +164,7 @@ class TCPServer(BaseServer):
             args = self._accept_args = (
                 listening, int(listening.family), int(listening.type), listening.proto
             )
-        fd, address = listening._accept()
+        fd, address = listening._accept()  # type: ignore[attr-defined]  # accept()'s first step
         sock = _Socket(args[1], args[2], args[3], fileno=fd)
         if _getdefaulttimeout() is None and listening.gettimeout():
             sock.setblocking(True)  # as socket.accept(): a blocking socket by default

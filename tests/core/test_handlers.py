@@ -17,7 +17,8 @@ import threading
 import pytest
 
 import sockserve
-from support import mod, read_to_eof, requires_af_unix, tcp_client
+from support import read_to_eof, requires_af_unix, tcp_client
+from support import mod  # noqa: F401 - a fixture, named as a test parameter
 
 #: Timeout of every blocking call, so that no test can hang.
 TIMEOUT = 5.0

@@ -390,7 +390,8 @@ def test_request_finish_receives_the_handler_exception(concurrency, tmp_path):
         with serving(cls(address_for("tcp", tmp_path), Failing)) as server:
             assert ask(server, b"x") == b""
             assert ask(server, b"y") == b""  # still serving
-    request_names = [n for n in names(log) if n not in ("server_activate", "serve_start", "serve_stop", "server_close", "verify_request")]
+    skipped = ("server_activate", "serve_start", "serve_stop", "server_close", "verify_request")
+    request_names = [n for n in names(log) if n not in skipped]
     assert request_names == ["request_start", "handle_error_hook", "handle_error", "request_finish"] * 2
     finishes = [e for e in events(log) if e["event"] == "request_finish"]
     assert [e["exc"] for e in finishes] == [repr(ValueError("the handler failed"))] * 2
@@ -709,3 +710,11 @@ def test_autoloaded_plugin_that_fails_warns_once_and_the_others_still_load(tmp_p
         "  cause: ModuleNotFoundError: No module named 'sockserve_missing_plugin_module'",
         "  fix: install what it needs, or uninstall sockserve-broken-plugin so it is not discovered",
     ]
+
+
+def test_the_relay_declares_one_attribute_per_hook_specification():
+    """HookRelay's annotations (what type checkers see) list exactly the hooks of hookspecs."""
+    from sockserve.core._hooks import HOOKS, HookRelay
+
+    assert set(HookRelay.__annotations__) == set(HOOKS)
+    assert set(HOOKS) >= {"request_prepared", "request_denied", "server_closed"}

@@ -20,7 +20,8 @@ import time
 import pytest
 
 import sockserve
-from support import mod, no_leaks, read_to_eof, requires_af_unix, start_serving, tcp_client, wait_until
+from support import no_leaks, read_to_eof, requires_af_unix, start_serving, tcp_client, wait_until
+from support import mod  # noqa: F401 - a fixture, named as a test parameter
 
 #: Upper bound for anything that should happen "at once"; generous for a loaded CI box.
 PROMPTLY = 2.0

@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
