@@ -54,6 +54,13 @@ POLL_INTERVAL = 0.5
 CHILD_GRACE = 30.0
 #: Seconds the parent waits for one line of a child's protocol before giving up.
 LINE_TIMEOUT = 30.0
+#: Timeout of every Python client's socket operations: generous for loopback, short enough
+#: that a dead server shows up as errors instead of a stall.
+CLIENT_TIMEOUT = 2.0
+#: listen() backlog of the servers under load: the standard default of 5 drops SYNs under
+#: 8 concurrent connects, and a dropped SYN costs a one-second retransmission, which would
+#: be measured instead of the servers.
+BACKLOG = 128
 #: The load generator's source, next to this file.
 LOADGEN_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loadgen.c")
 
@@ -207,7 +214,7 @@ class ThreadProfiles:
         """Stop every profile; return their merged ``pstats.Stats``, or None if none ran."""
         import pstats
 
-        threading.setprofile(None)  # type: ignore[arg-type]
+        threading.setprofile(None)
         stats = None
         for profile in list(self.profiles):
             profile.disable()
@@ -286,6 +293,7 @@ class Child:
         self, argv: list[str], registry: list[Child], cpus: set[int] | None = None, stdin: bool = True,
         stderr_path: str = "",
     ) -> None:
+        self.argv = argv
         self.stderr_path = stderr_path
         stderr = open(stderr_path, "wb") if stderr_path else None
         try:
@@ -324,11 +332,11 @@ class Child:
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError(f"child {self.pid} ({self.proc.args[1:4]}) said nothing for {timeout}s")
+                raise TimeoutError(f"child {self.pid} ({self.argv[1:4]}) said nothing for {timeout}s")
             chunk = os.read(fd, 65536)
             if not chunk:
                 raise RuntimeError(
-                    f"child {self.pid} ({self.proc.args[1:4]}) exited (status {self.proc.poll()})"
+                    f"child {self.pid} ({self.argv[1:4]}) exited (status {self.proc.poll()})"
                     + self._stderr_tail()
                 )
             self._buffer += chunk

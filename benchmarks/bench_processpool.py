@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import importlib.util
 import json
 import os
@@ -68,16 +69,12 @@ CANDIDATE = "processpool"
 KINDS = (BASELINE, CANDIDATE)
 PAYLOAD = h.PAYLOAD
 HOST = h.HOST
-#: Timeout of every client socket operation: generous for loopback, short enough that a
-#: dead server shows up as errors instead of a stall.
-CLIENT_TIMEOUT = 2.0
+CLIENT_TIMEOUT = h.CLIENT_TIMEOUT
 #: Seconds a child may live past its planned work before its watchdog ends it.
 CHILD_GRACE = h.CHILD_GRACE
 #: Seconds the parent waits for one line of a child's output before giving up.
 LINE_TIMEOUT = h.LINE_TIMEOUT
-#: listen() backlog of both servers: the documented 5 drops connections under this load
-#: (refused connects would then be measured instead of the strategies).
-BACKLOG = 128
+BACKLOG = h.BACKLOG  # both servers (the documented 5 drops connections under this load)
 
 
 # --------------------------------------------------------------------------- servers
@@ -86,13 +83,11 @@ BACKLOG = 128
 def serve_main(kind: str, workers: int, max_life: float) -> None:
     """Child: serve with *kind*; print PORT, then on 'stop' (or EOF) close and print JSON."""
     h.watchdog(max_life)
+    # Each server process imports only the module under test.
+    module: Any = importlib.import_module("socketserver" if kind == BASELINE else "sockserve")
     if kind == BASELINE:
-        import socketserver as module
-
         cls = type("Server", (module.ForkingTCPServer,), {"request_queue_size": BACKLOG})
     else:
-        import sockserve as module
-
         cls = module.compose(
             "tcp", "processpool", options={"workers": workers, "request_queue_size": BACKLOG}
         )

@@ -91,9 +91,7 @@ PAYLOAD = h.PAYLOAD
 #: A ratio within this of 1 counts as a tie: A/A runs (``--candidate socketserver``) of the
 #: throughput put the interquartile range of the per-round ratios within about 1% of 1.
 TOLERANCE = 0.01
-#: Timeout of every client socket operation: generous for loopback, short enough that a
-#: dead server shows up as errors instead of a stall.
-CLIENT_TIMEOUT = 2.0
+CLIENT_TIMEOUT = h.CLIENT_TIMEOUT
 #: UDP requests are not retried: one whose echo has not come back after this long (a busy
 #: machine can stall a process for that long now and then) counts as failed.
 UDP_TIMEOUT = 0.5
@@ -152,11 +150,12 @@ def _requesters(kind: str, ports: list[int]) -> list[Any]:
         ]
     functions = []
     for port in ports:
+        numbered = itertools.count()  # one count per server
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.settimeout(UDP_TIMEOUT)
         udp.connect((HOST, port))
 
-        def request(udp: socket.socket = udp, numbers: Iterator[int] = itertools.count()) -> bool:
+        def request(udp: socket.socket = udp, numbers: Iterator[int] = numbered) -> bool:
             # Numbered, so that the late echo of a request that timed out is dropped here
             # instead of passing for the echo of the next one (which would then look
             # instantaneous, and every one after it too).
@@ -422,7 +421,7 @@ def main(argv: list[str]) -> int:
             f"# rounds={args.rounds} duration={args.duration}s/module slice={args.slice}s "
             f"warmup={args.warmup}s clients={args.clients} candidate={args.candidate} "
             f"pin={args.pin}"
-            + (f" (servers {sorted(server_cpus)}, clients {sorted(client_cpus)})" if server_cpus else "")
+            + (f" (servers {sorted(server_cpus)}, clients {sorted(client_cpus or ())})" if server_cpus else "")
         )
         runs: dict[tuple[str, str], list[dict[str, float]]] = {
             (s, m): [] for s in args.scenarios for m in MODULES

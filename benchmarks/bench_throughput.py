@@ -110,7 +110,7 @@ from _harness import CHILD_GRACE, HOST, LINE_TIMEOUT, Child
 
 SIZE = len(h.PAYLOAD)  # bytes per echo request (the load generator sends 64)
 #: Listen backlog of every server (see the module docstring).
-BACKLOG = 128
+BACKLOG = h.BACKLOG
 #: Seconds after which an unanswered request counts as failed (load generator, wrk).
 REQUEST_TIMEOUT = 2.0
 #: Processes of the ``uvloop-reuseport`` contender: one per CPU, as many as prefork's
@@ -268,7 +268,9 @@ GOALS = (
     Goal("prefork/ForkingTCPServer conn/s", "tcp-conn", "rate", "prefork", "ForkingTCPServer", 15.0),
     Goal("prefork/uvloop conn/s", "tcp-conn", "rate", "prefork", "uvloop", 1.2),
     Goal("prefork/uvloop keep-alive req/s", "tcp-keepalive", "rate", "prefork", "uvloop", 1.0),
-    Goal("threadpool/ThreadingTCPServer http close req/s", "http-close", "rate", "threadpool", "ThreadingTCPServer", 1.5),
+    Goal(
+        "threadpool/ThreadingTCPServer http close req/s", "http-close", "rate", "threadpool", "ThreadingTCPServer", 1.5
+    ),
     Goal("prefork/ThreadingTCPServer http close req/s", "http-close", "rate", "prefork", "ThreadingTCPServer", 2.5),
 )
 #: prefork against uvloop with as many processes (issue 8, item 12): the goals above
@@ -364,7 +366,8 @@ class _Accounting:
     def __init__(self, profile: bool) -> None:
         self.profiles = h.ThreadProfiles() if profile else None
         self.stats: Any = None
-        self.self0 = self.children0 = None
+        self.self0: Any = None
+        self.children0: Any = None
         self.live0 = (0, 0)
 
     def start(self) -> None:
@@ -873,7 +876,9 @@ def parse_wrk(text: str, close: bool) -> dict[str, float]:
     for pct in ("50", "99"):
         found = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
         latency[pct] = float(found.group(1)) * _WRK_UNITS[found.group(2)] if found else float("nan")
-    return {"requests": requests, "seconds": seconds, "errors": errors, "p50_us": latency["50"], "p99_us": latency["99"]}
+    return {
+        "requests": requests, "seconds": seconds, "errors": errors, "p50_us": latency["50"], "p99_us": latency["99"]
+    }
 
 
 def _http_warmup(port: int) -> None:
@@ -1021,7 +1026,9 @@ def summarize(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, A
     return {"table": table, "goals": goals}
 
 
-def print_results(summary: dict[str, Any], machine: dict[str, list[dict[str, float]]], scen: dict[str, Scenario]) -> None:
+def print_results(
+    summary: dict[str, Any], machine: dict[str, list[dict[str, float]]], scen: dict[str, Scenario]
+) -> None:
     print()
     print("Medians over rounds. rate: requests (connections, datagrams) per second of the time the")
     print("machine ran (min-max over rounds); wall: per wall-clock second, stalls included; ran s:")
@@ -1118,7 +1125,9 @@ def plot(summary: dict[str, Any], path: str, title: str) -> None:
         low = [rows[n]["rate"] - rows[n]["rate_min"] for n in labels]
         high = [rows[n]["rate_max"] - rows[n]["rate"] for n in labels]
         kinds = [
-            "sockserve" if n in ("threadpool", "prefork") else "ref" if n.startswith(("asyncio", "uvloop")) else "stdlib"
+            "sockserve" if n in ("threadpool", "prefork")
+            else "ref" if n.startswith(("asyncio", "uvloop"))
+            else "stdlib"
             for n in labels
         ]
         y = range(len(labels))
@@ -1186,13 +1195,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--wrk-duration", type=int, default=1, help="seconds of each wrk run, HTTP scenarios (default 1)"
     )
     parser.add_argument("--slice", type=float, default=0.1, help="seconds on one server before the next (default 0.1)")
-    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per round, echo scenarios (default 0.5)")
+    parser.add_argument(
+        "--warmup", type=float, default=0.5, help="unmeasured seconds per round, echo scenarios (default 0.5)"
+    )
     parser.add_argument(
         "--concurrency", type=int, default=8,
         help="connections in flight / open connections / outstanding datagrams (default 8)",
     )
     parser.add_argument("--wrk-connections", type=int, default=8, help="wrk connections (default 8)")
-    parser.add_argument("--scenarios", default=",".join(SCENARIO_NAMES), help=f"comma-separated subset of {', '.join(SCENARIO_NAMES)}")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIO_NAMES), help=f"comma-separated subset of {', '.join(SCENARIO_NAMES)}"
+    )
     parser.add_argument(
         "--strategies", default="",
         help="comma-separated subset of strategies (default: all of each scenario)",

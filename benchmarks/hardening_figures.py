@@ -36,7 +36,6 @@ import time
 from typing import Any
 
 import _harness as h
-
 import sockserve
 
 MODULES = {"sockserve": sockserve, "socketserver": socketserver}
@@ -198,12 +197,16 @@ def unix(mod, tmp):
     mod.UnixStreamServer(path, handler_class(mod)).server_close()
     r["file_left_after_server_close"] = os.path.exists(path)
     stale = os.path.join(tmp, f"{mod.__name__}-stale.sock")
-    s = socket.socket(socket.AF_UNIX); s.bind(stale); s.close()
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(stale)
+    s.close()
     try:
         srv = mod.UnixStreamServer(stale, handler_class(mod))
         serving = start(srv, 0.05)
         with socket.socket(socket.AF_UNIX) as c:
-            c.settimeout(5); c.connect(stale); c.sendall(b"fresh")
+            c.settimeout(5)
+            c.connect(stale)
+            c.sendall(b"fresh")
             r["bind_over_stale"] = f"works (reply {c.recv(16)!r})"
         serving.stop(timeout=5)
     except OSError as e:
@@ -236,7 +239,9 @@ def ipv6(mod):
                 reply = ask(srv.server_address[:2], b"v6", socket.AF_INET6)
             else:
                 with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as c:
-                    c.settimeout(5); c.sendto(b"v6", srv.server_address[:2]); reply = c.recv(16)
+                    c.settimeout(5)
+                    c.sendto(b"v6", srv.server_address[:2])
+                    reply = c.recv(16)
             r[name] = f"works, AF_INET6, reply {reply!r}"
         finally:
             serving.stop(timeout=5)
@@ -274,7 +279,8 @@ def cli_backlog():
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     lines = []
     reader = threading.Thread(target=lambda: lines.append(proc.stderr.readline()), daemon=True)
-    reader.start(); reader.join(15)
+    reader.start()
+    reader.join(15)
     try:
         m = re.search(r"serving on 127\.0\.0\.1:(\d+)", lines[0] if lines else "")
         return ss_backlog(int(m.group(1))) if m else f"no address line: {lines!r}"
@@ -283,7 +289,8 @@ def cli_backlog():
         try:
             proc.communicate(timeout=15)
         except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL); proc.communicate()
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 # ------------------------------------------------------------------ 8. raising hook
@@ -408,7 +415,8 @@ def summary(r: dict[str, dict[str, Any]]) -> str:
         f" / {drain[std]['server_close_s']}s {cut(drain[std])}",
         f"unix file left {unix_[ours]['file_left_after_server_close']} / {unix_[std]['file_left_after_server_close']}",
         f"::1 TCPServer {v6[ours]['TCPServer'].split(',')[0]} / {v6[std]['TCPServer'].split(':')[0]}",
-        f"raising verify_request override: {override[ours]['replies_of_3']}/3 / {override[std]['replies_of_3']}/3 answered",
+        f"raising verify_request override: {override[ours]['replies_of_3']}/3"
+        f" / {override[std]['replies_of_3']}/3 answered",
         f"raising plugin hook: {hook[ours]['replies_of_3']}/3 / n/a answered",
     )
 
