@@ -367,14 +367,35 @@ def test_worker_stopped_before_it_is_ready_still_exits_cleanly(tmp_path, slow_ch
     assert sorted(log.events("worker_exit")) == [(os.getpid(), 0, "0"), (os.getpid(), 1, "0")]
 
 
+class SocketReport(sockserve.BaseRequestHandler):
+    """Replies ``b"<pid> <inode> <SO_REUSEPORT> <LINE>"``: the worker, the inode of the
+    socket it received the request on (the listening or datagram socket) and that
+    socket's SO_REUSEPORT option."""
+
+    def handle(self):
+        if isinstance(self.request, tuple):
+            data, sock = self.request
+        else:
+            self.request.settimeout(10)
+            data, sock = read_line(self.request), self.server.socket
+        inode = os.fstat(sock.fileno()).st_ino
+        reuse = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        reply = b"%d %d %d %s" % (os.getpid(), inode, reuse, data.strip().upper())
+        if isinstance(self.request, tuple):
+            sock.sendto(reply, self.client_address)
+        else:
+            self.request.sendall(reply)
+
+
 @pytest.mark.parametrize("transport", ["tcp", "udp"])
 def test_reuse_port_gives_every_worker_its_own_socket(transport, tmp_path):
     options = {"workers": 2, "reuse_port": True}
     cls = sockserve.compose(transport, "prefork", options=options)
+    inodes: dict[int, set[int]] = {}
+    options_seen = set()
     with no_leaks():
-        with serving(cls(LOOPBACK, PidHandler)) as server:
+        with serving(cls(LOOPBACK, SocketReport)) as server:
             workers = wait_for_workers(2)
-            pids = set()
             # The kernel spreads connections (and datagram flows) over the workers'
             # sockets by a hash of the client's address: 40 clients reach both.
             for i in range(40):
@@ -385,11 +406,21 @@ def test_reuse_port_gives_every_worker_its_own_socket(transport, tmp_path):
                         reply = read_to_eof(client)
                     else:
                         reply = client.recv(65536)
-                pid, text = reply.split()
+                pid, inode, reuse, text = reply.split()
                 assert text == b"C%d" % i
-                pids.add(int(pid))
+                inodes.setdefault(int(pid), set()).add(int(inode))
+                options_seen.add(int(reuse))
             assert worker_pids() == workers  # no worker failed and was replaced
-    assert pids == workers
+            parent_socket = server.socket.fileno()
+            parent_inode = os.fstat(parent_socket).st_ino if parent_socket != -1 else None
+    assert set(inodes) == workers
+    # One socket per worker, each its own (not the parent's, shared by a fork) ...
+    assert sorted(len(own) for own in inodes.values()) == [1, 1]
+    worker_inodes = set().union(*inodes.values())
+    assert len(worker_inodes) == 2
+    assert parent_inode not in worker_inodes
+    # ... and each with SO_REUSEPORT set (a non-zero option value).
+    assert 0 not in options_seen and options_seen
 
 
 def test_reuse_port_is_refused_for_unix_sockets(tmp_path):
