@@ -679,6 +679,7 @@ def test_connection_reset_before_accept_does_not_stop_serving(caplog):
             assert exchange(server, b"still here") == b"STILL HERE"
             assert time.monotonic() - start < 1.0  # no back-off
     # Linux hands the reset connection to accept(); the handler's recv then sees the reset.
+    assert errors, "the reset connection never reached the handler"
     assert all(isinstance(e, ConnectionResetError) for e in errors), errors
     assert not [r for r in caplog.records if "accept()" in r.getMessage()]
 
@@ -1016,14 +1017,32 @@ def test_a_raising_handle_error_hook_is_reported_and_the_error_still_handled(con
 @pytest.mark.parametrize(
     "hook", ["sockserve_pre_fork", "sockserve_post_fork", "sockserve_worker_exit"]
 )
-def test_a_raising_prefork_hook_neither_stops_the_workers_nor_the_parent(hook):
+def test_a_raising_prefork_hook_neither_stops_the_workers_nor_the_parent(hook, tmp_path):
     """pre_fork and worker_exit raise in the parent (reported there), post_fork in the
     worker (reported in the worker); the workers serve and stop as usual."""
     name = f"exploding-{hook}"
+    report = tmp_path / "worker-errors.jsonl"
+
+    class WorkerReport(ErrorRecorder):
+        """In a worker, also write what handle_error saw to *report*: the parent cannot
+        see the worker's ``errors``."""
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            super().handle_error(request, client_address)
+            if self.worker_id is None:
+                return
+            exc = sys.exc_info()[1]
+            cause = getattr(exc, "__cause__", None)
+            fields = [type(exc).__name__, getattr(exc, "hook", None),
+                      getattr(exc, "plugin_name", None), str(exc),
+                      type(cause).__name__, str(cause)]
+            with open(report, "a") as f:  # one short O_APPEND write per error
+                f.write(json.dumps(fields) + "\n")
+
     manager = sockserve.get_plugin_manager()
     manager.register(exploding_plugin(hook), name=name)
     try:
-        cls = type("Server", (ErrorRecorder, sockserve.compose("tcp", "prefork")), {})
+        cls = type("Server", (WorkerReport, sockserve.compose("tcp", "prefork")), {})
         with no_leaks():
             server = cls(LOOPBACK, EchoUpper)
             server.errors = []
@@ -1033,9 +1052,15 @@ def test_a_raising_prefork_hook_neither_stops_the_workers_nor_the_parent(hook):
                     assert exchange(server, b"req %d" % i) == b"REQ %d" % i
     finally:
         manager.unregister(name=name)
+    reported = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
     if hook == "sockserve_post_fork":
-        assert server.errors == []  # raised and reported in the worker process
+        assert server.errors == []  # raised and reported in the worker process:
+        assert reported == [[  # once, by the one worker, naming the plugin
+            "HookError", hook, name, f"plugin {name!r} raised in hook {hook}",
+            "ValueError", f"boom in {hook}",
+        ]]
     else:
+        assert reported == []
         assert_hook_errors(list(server.errors), hook, name)
 
 
