@@ -100,6 +100,7 @@ def test_service_actions_reap_exited_children_while_serving():
             for _ in range(3):
                 with connect(server) as client:
                     pids.append(int(read_to_eof(client).split()[0]))
+            assert len(seen) == 3, "process_request did not run once per request"
             assert all(seen), "forked children were not tracked in active_children"
             # Still serving: service_actions must empty it without any new request.
             assert wait_until(lambda: not server.active_children)
