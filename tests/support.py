@@ -6,9 +6,11 @@ Imported by tests as ``support`` (``pythonpath = tests`` in pyproject.toml)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import socketserver
@@ -19,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -42,12 +44,47 @@ def _has_ipv6() -> bool:
         return False
 
 
+#: Under ``CI=true`` a missing requirement of ``requires_ipv6`` / ``requires_ss`` fails the
+#: test instead of skipping it: CI provides them (``.ci/run`` installs iproute2), so a
+#: skip there would only hide that the test never ran.
+IN_CI = os.environ.get("CI") == "true"
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip the running test for lack of what *reason* names; under ``CI=true`` fail it."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: missing requirements fail, they do not skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+def requirement(available: bool, reason: str) -> Callable[[Any], Any]:
+    """A decorator for tests needing a feature: without it, a skip marked *reason*, or
+    under ``CI=true`` a failure saying *reason*."""
+
+    def decorate(test: Any) -> Any:
+        if available:
+            return test
+        if not IN_CI:
+            return pytest.mark.skipif(True, reason=reason)(test)
+
+        @functools.wraps(test)  # the same signature: pytest still gives it its fixtures
+        def fails_in_ci(*args: Any, **kwargs: Any) -> None:
+            missing(reason)
+
+        return fails_in_ci
+
+    return decorate
+
+
 HAS_IPV6 = _has_ipv6()
+#: ``ss`` (iproute2) reads listen backlogs; only on Linux.
+HAS_SS = shutil.which("ss") is not None and sys.platform.startswith("linux")
 requires_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="requires_fork: no os.fork")
 requires_af_unix = pytest.mark.skipif(
     not hasattr(socket, "AF_UNIX"), reason="requires_af_unix: no AF_UNIX"
 )
-requires_ipv6 = pytest.mark.skipif(not HAS_IPV6, reason="requires_ipv6: no IPv6 loopback")
+requires_ipv6 = requirement(HAS_IPV6, "requires_ipv6: no IPv6 loopback")
+requires_ss = requirement(HAS_SS, "requires_ss: the ss tool (iproute2) to read listen backlogs")
 
 
 def address_for(transport: str, tmp_path: Any) -> Any:
@@ -61,7 +98,7 @@ def address_for(transport: str, tmp_path: Any) -> Any:
 
 def skip_unless_supported(transport: str, concurrency: str) -> None:
     if transport in ("tcp6", "udp6") and not HAS_IPV6:
-        pytest.skip("requires_ipv6: no IPv6 loopback")
+        missing("requires_ipv6: no IPv6 loopback")
     if transport.startswith("unix") and not hasattr(socket, "AF_UNIX"):
         pytest.skip("requires_af_unix: no AF_UNIX")
     if concurrency in ("forking", "prefork") and not hasattr(os, "fork"):
