@@ -34,9 +34,9 @@ pytest.register_assert_rewrite(
     "sockserve.testing._scenarios", "sockserve.testing._stage", "sockserve.testing._classes"
 )
 
-from ._classes import LayerTests, StrategyTests, TransportTests
-from ._layer import KIT_ADDRESS, KitLayer, KitLayerOptions, Wrapped
-from ._recorder import Recorder
+from ._classes import LayerTests, StrategyTests, TransportTests  # noqa: E402
+from ._layer import KIT_ADDRESS, KitLayer, KitLayerOptions, Wrapped  # noqa: E402
+from ._recorder import Recorder  # noqa: E402
 
 __all__ = [
     "KIT_ADDRESS",

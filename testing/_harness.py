@@ -317,7 +317,7 @@ def bounded(func: Callable[[], Any], timeout: float = TIMEOUT * 3, what: str = "
     def target() -> None:
         try:
             func()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:  # re-raised in the caller's thread
             outcome.append(exc)
 
     thread = threading.Thread(target=target, name="kit-bounded", daemon=True)
@@ -382,7 +382,7 @@ def drive(count: int, worker: Callable[[range], list[Any]]) -> list[Any]:
     def run(k: int) -> None:
         try:
             failures.extend(worker(range(k, count, CLIENT_THREADS)))
-        except BaseException as exc:  # noqa: BLE001 - a failure, not lost in the thread
+        except BaseException as exc:  # a failure, not lost in the thread
             failures.append(("client thread", repr(exc)))
 
     threads = [threading.Thread(target=run, args=(k,), name=f"kit-client-{k}")

@@ -70,7 +70,7 @@ class KitLayerOptions:
     #: Seconds to wait for the client's first byte; then the layer fails with "timeout".
     kit_timeout: float = sockserve.seconds(optional=False, default=KIT_TIMEOUT)
     #: The recorder that ``Wrapped`` notes its shutdown calls to (Python only).
-    kit_recorder: Recorder | None = sockserve.python_object(Recorder)  # noqa: RUF009
+    kit_recorder: Recorder | None = sockserve.python_object(Recorder)
 
 
 @sockserve.declare_options(KitLayerOptions)
