@@ -75,6 +75,8 @@ CHILD_GRACE = h.CHILD_GRACE
 #: Seconds the parent waits for one line of a child's output before giving up.
 LINE_TIMEOUT = h.LINE_TIMEOUT
 BACKLOG = h.BACKLOG  # both servers (the documented 5 drops connections under this load)
+#: The lifecycle plugins a server reported last (printed once, when they change).
+PLUGINS_NOTED: list[str] = []
 
 
 # --------------------------------------------------------------------------- servers
@@ -106,7 +108,7 @@ def serve_main(kind: str, workers: int, max_life: float) -> None:
                 os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-    h.report({"cpu": h.cpu_seconds(children=True), "pid": os.getpid()})
+    h.report({"cpu": h.cpu_seconds(children=True), "pid": os.getpid(), "plugins": h.loaded_plugins(module)})
 
 
 # --------------------------------------------------------------------------- clients
@@ -184,8 +186,12 @@ def run_round(first: int, args: argparse.Namespace, children: list[h.Child]) -> 
     cpu = {}
     for kind, server in servers.items():
         server.send("stop")
-        cpu[kind] = json.loads(server.readline())["cpu"]
+        said = json.loads(server.readline())
+        cpu[kind] = said["cpu"]
         server.end(LINE_TIMEOUT)
+        if said["plugins"] and said["plugins"] != PLUGINS_NOTED:
+            PLUGINS_NOTED[:] = said["plugins"]
+            print(h.plugins_note(kind, PLUGINS_NOTED), flush=True)
     warm = sum(r["warm"] for r in reports)
     result = {}
     for index, kind in enumerate(KINDS):

@@ -99,6 +99,8 @@ UDP_TIMEOUT = 0.5
 CHILD_GRACE = h.CHILD_GRACE
 #: Seconds the parent waits for one line of a child's protocol before giving up.
 LINE_TIMEOUT = 20.0
+#: The lifecycle plugins a server reported last (printed once, when they change).
+PLUGINS_NOTED: list[str] = []
 
 
 # --------------------------------------------------------------------------- handler
@@ -139,7 +141,7 @@ def serve_main(module_name: str, scenario: str, max_life: float, profile_path: s
         if stats is not None:
             stats.dump_stats(profile_path)
     leaked = "socketserver" in sys.modules and module_name != "socketserver"
-    h.report({"cpu": cpu, "imported_stdlib": leaked})
+    h.report({"cpu": cpu, "imported_stdlib": leaked, "plugins": h.loaded_plugins(module)})
 
 
 def _requesters(kind: str, ports: list[int]) -> list[Any]:
@@ -272,6 +274,9 @@ def run_round(
         cpu = reports[module]["cpu"]
         if reports[module]["imported_stdlib"]:
             raise RuntimeError(f"{MODULE_OF[module]}'s server imported the standard socketserver")
+        if reports[module]["plugins"] and reports[module]["plugins"] != PLUGINS_NOTED:
+            PLUGINS_NOTED[:] = reports[module]["plugins"]
+            print(h.plugins_note(MODULE_OF[module], PLUGINS_NOTED), flush=True)
         results[module] = {
             # From the median request time: a busy machine now and then holds one request
             # up for 100s of ms, which can make up most of the total; the median shrugs it

@@ -464,7 +464,8 @@ def serve_main(
     accounting.stop_self()
     serving.stop(poke_loop=True)  # the standard module's loop only looks every poll_interval
     leaked = contender.family == "sockserve" and "socketserver" in sys.modules and not scenario.uses_wrk
-    h.report({"imported_stdlib": leaked, **accounting.report(profile_top)})
+    plugins = h.loaded_plugins(sys.modules["sockserve"]) if contender.family == "sockserve" else []
+    h.report({"imported_stdlib": leaked, "plugins": plugins, **accounting.report(profile_top)})
 
 
 def _new_loop(contender: Contender) -> Any:
@@ -700,6 +701,10 @@ def start_servers(
     return servers
 
 
+#: The lifecycle plugins a sockserve server reported last (printed once, when they change).
+PLUGINS_NOTED: list[str] = []
+
+
 def stop_servers(servers: dict[str, Child], check_imports: bool) -> dict[str, dict[str, Any]]:
     """Stop the servers; return what each reported (context switches, profile)."""
     for server in servers.values():
@@ -710,6 +715,9 @@ def stop_servers(servers: dict[str, Child], check_imports: bool) -> dict[str, di
             reports[name] = report = json.loads(server.readline())
             if check_imports and report["imported_stdlib"]:
                 raise RuntimeError(f"the {name} server imported the standard socketserver")
+            if report.get("plugins") and report["plugins"] != PLUGINS_NOTED:
+                PLUGINS_NOTED[:] = report["plugins"]
+                print(h.plugins_note("sockserve", PLUGINS_NOTED), flush=True)
     finally:
         for server in servers.values():
             server.end()
