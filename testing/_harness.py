@@ -1,5 +1,5 @@
-"""What the kit's scenarios are built from: platform checks, the server under test, the kit's
-handler, clients, bounded waits, and what a process holds (descriptors, threads, children).
+"""What the kit's scenarios are built from: platform checks, the server under test,
+clients, bounded waits, and what a process holds (descriptors, threads, children).
 
 Every blocking call here has a timeout: a scenario that goes wrong fails, it never hangs.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import signal
@@ -22,17 +21,13 @@ from typing import Any
 
 import attrs
 import pytest
-import sockserve
 
-from ._recorder import Recorder
+import sockserve
 
 __all__ = [
     "CLIENT_THREADS",
-    "SLOW",
     "TIMEOUT",
     "Holdings",
-    "KitHandler",
-    "PlannedFailure",
     "Subject",
     "access_log_to",
     "ask",
@@ -53,11 +48,6 @@ __all__ = [
 
 #: Seconds any client call or wait may take before the scenario fails.
 TIMEOUT = 10.0
-#: Seconds a ``slow`` request works between its two replies.
-SLOW = 0.5
-#: Seconds a ``stuck`` handler waits for a byte that never comes: far beyond any drain
-#: deadline the kit sets, so only a cut-off ends the wait in time.
-STUCK_LIMIT = 20.0
 #: Client threads driving the many-connections scenarios: enough for requests to overlap.
 CLIENT_THREADS = 4
 
@@ -187,11 +177,7 @@ class Subject:
             self.directory.rmdir()
 
 
-# --------------------------------------------------------------------------- the handler
-
-
-class PlannedFailure(Exception):
-    """What the kit's handler raises for a ``fail`` request."""
+# --------------------------------------------------------------------------- reading
 
 
 def read_line(sock: Any) -> bytes:
@@ -235,76 +221,6 @@ def fd_targets() -> dict[int, str]:
         with contextlib.suppress(OSError):
             found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
     return found
-
-
-class KitHandler(sockserve.BaseRequestHandler):
-    """The kit's handler, for stream and datagram requests.
-
-    A stream request is one line; the reply depends on it:
-
-    - ``fail``: raise ``PlannedFailure`` (no reply);
-    - ``slow``: ``started\\n``, then after ``SLOW`` seconds ``done\\n``;
-    - ``stuck``: ``started\\n``, then wait up to ``STUCK_LIMIT`` seconds for a byte that
-      never comes (noted as ``stuck_end`` with what the wait got);
-    - ``fds``: one JSON line: this process's pid and descriptors;
-    - anything else: the line upper-cased.
-
-    A datagram is answered upper-cased (``fail`` raises). With a ``recorder`` (set on a
-    subclass: ``KitHandler.recording(recorder)``), every request is noted as ``handler``
-    with what the handler saw: the request's type, the client address, the types of the
-    server's ``in_flight`` requests, its pid.
-    """
-
-    recorder: Recorder | None = None
-
-    @classmethod
-    def recording(cls, recorder: Recorder) -> type[KitHandler]:
-        """A subclass noting each request to *recorder*."""
-        return type(cls.__name__, (cls,), {"recorder": recorder})
-
-    def handle(self) -> None:
-        if isinstance(self.request, tuple):
-            data, sock = self.request
-            self._note(data)
-            if data == b"fail":
-                raise PlannedFailure("kit: a planned failure")
-            sock.sendto(data.upper(), self.client_address)
-            return
-        request = self.request
-        request.settimeout(TIMEOUT)
-        line = read_line(request)
-        command = line.strip()
-        self._note(command)
-        if command == b"fail":
-            raise PlannedFailure("kit: a planned failure")
-        if command == b"slow":
-            request.sendall(b"started\n")
-            time.sleep(SLOW)
-            request.sendall(b"done\n")
-        elif command == b"stuck":
-            request.sendall(b"started\n")
-            request.settimeout(STUCK_LIMIT)
-            try:
-                got = repr(request.recv(1))
-            except OSError as exc:
-                got = type(exc).__name__
-            if self.recorder is not None:
-                self.recorder.note("stuck_end", got=got)
-        elif command == b"fds":
-            report = {"pid": os.getpid(), "fds": fd_targets(),
-                      "request_fd": request.fileno()}
-            request.sendall(json.dumps(report).encode() + b"\n")
-        else:
-            request.sendall(line.upper())
-
-    def _note(self, command: bytes) -> None:
-        if self.recorder is not None:
-            in_flight = getattr(self.server, "in_flight", ())
-            self.recorder.note(
-                "handler", command=command.decode(errors="replace"),
-                request=type(self.request).__name__, client=self.client_address,
-                in_flight=[type(r).__name__ for r in in_flight],
-            )
 
 
 # --------------------------------------------------------------------------- running it

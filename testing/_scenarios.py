@@ -21,7 +21,6 @@ from sockserve.concurrency import CUT_OFF_GRACE, TERMINATE_GRACE
 from ._harness import (
     TIMEOUT,
     Holdings,
-    KitHandler,
     Subject,
     ask,
     bounded,
@@ -35,6 +34,7 @@ from ._harness import (
     start,
     stop,
 )
+from ._handler import KitHandler
 from ._recorder import Recorder
 
 __all__ = [

@@ -15,17 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 import sockserve
 
 from ._harness import (
     TIMEOUT,
-    KitHandler,
     Subject,
     access_log_to,
     ask,
     read_to_eof,
     serving,
 )
+from ._handler import KitHandler
 from ._recorder import Recorder, plain
 from ._scenarios import DEADLINE, OVERRUN, recording_errors, run_stuck
 
