@@ -3,7 +3,11 @@ scenarios a third-party strategy, transport or layer runs in its own tests."""
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import sockserve
 from sockserve.testing import (
@@ -102,3 +106,14 @@ class TestKitLayer(LayerTests):
 
     def failing_clients(self):
         return {**super().failing_clients(), "refused": refuse}
+
+
+# --------------------------------------------------------------------------- the kit itself
+
+
+def test_using_sockserve_imports_neither_the_kit_nor_pytest(tmp_path):
+    script = Path(__file__).parent / "scripts" / "kit_not_imported.py"
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"pytest": False, "sockserve.testing": False}
