@@ -22,7 +22,7 @@ from ._recorder import Recorder
 __all__ = ["LayerTests", "StrategyTests", "TransportTests"]
 
 #: The transports sockserve ships, for strategies that serve them all.
-ALL_TRANSPORTS = ("tcp", "tcp6", "udp", "unix", "unix-dgram")
+ALL_TRANSPORTS = ("tcp", "tcp6", "udp", "udp6", "unix", "unix-dgram")
 #: Requests in the many-requests scenarios.
 MANY = 1000
 

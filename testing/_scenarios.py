@@ -95,8 +95,17 @@ def echo(subject: Subject, recorder: Recorder, *, forks: bool) -> None:
         finished = recorder.wait_for("request_finish", len(payloads))
     assert replies == [p.upper() for p in payloads], replies
     assert [line["exc"] for line in finished] == [None] * len(payloads), finished
-    assert len(recorder.events("request_start")) == len(payloads)
-    pids = {line["pid"] for line in recorder.events("handler")}
+    started, handled = recorder.events("request_start"), recorder.events("handler")
+    assert len(started) == len(handled) == len(payloads), (started, handled)
+
+    def where(lines: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
+        return sorted((line["pid"], line["thread"], repr(line["client"])) for line in lines)
+
+    assert where(started) == where(handled) == where(finished), (
+        f"request_start, the handler and request_finish ran in different places: "
+        f"{where(started)}, {where(handled)}, {where(finished)}"
+    )
+    pids = {line["pid"] for line in handled}
     if forks:
         assert os.getpid() not in pids, f"a forking strategy ran a handler in the parent: {pids}"
     else:
@@ -262,6 +271,10 @@ def handler_error(subject: Subject, recorder: Recorder) -> None:
     assert after == b"AFTER" + end, after
     methods = recorder.events("handle_error_method")
     assert [m["exc"] for m in methods] == ["PlannedFailure: kit: a planned failure"], methods
+    failing = recorder.events("handler", command="fail")
+    assert [(m["pid"], m["thread"]) for m in methods] == [(f["pid"], f["thread"]) for f in failing], (
+        "handle_error did not run where the handler raised"
+    )
     assert [h["exc"] for h in recorder.events("handle_error")] == [methods[0]["exc"]]
     outcomes = sorted(str(line["exc"]) for line in recorder.events("request_finish"))
     assert outcomes == ["None", "PlannedFailure: kit: a planned failure"], outcomes

@@ -79,6 +79,10 @@ class TestUDP(TransportTests):
     strategies = ("sync", "threading", "forking")
 
 
+class TestUDP6(TransportTests):
+    transport = "udp6"
+
+
 class TestUnixStream(TransportTests):
     transport = "unix"
 
