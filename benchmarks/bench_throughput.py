@@ -147,6 +147,13 @@ class Contender:
             return f"sockserve {self.what}" + (f" ({opts})" if opts else " (defaults)")
         api = "DatagramProtocol" if self.what == "udp" else "streams"
         processes = self.processes
+        if processes and self.what == "udp":
+            # SO_REUSEPORT picks a socket per flow (address and port pair), and the load
+            # generator sends every datagram from one socket: one process gets them all.
+            return (
+                f"{self.family} {api}, {processes} processes, one socket each on SO_REUSEPORT "
+                "(the load generator's one flow reaches one of them)"
+            )
         if processes:
             return f"{self.family} {api}, {processes} processes, one listening socket each on SO_REUSEPORT"
         return f"{self.family} {api}, 1 process"
@@ -248,7 +255,10 @@ class Goal:
     @property
     def compares(self) -> str:
         """How many processes serve on each side: what the ratio compares."""
-        return f"{processes(self.num)} vs {processes(self.den)}"
+        text = f"{processes(self.num)} vs {processes(self.den)}"
+        if self.den == "uvloop-reuseport" and self.scenario == "udp":
+            text += " (one flow: 1 of them serves)"
+        return text
 
 
 def processes(name: str) -> str:
