@@ -36,6 +36,7 @@ __all__ = [
     "drive",
     "fd_targets",
     "is_refused",
+    "is_stream_transport",
     "kill_children",
     "read_line",
     "read_to_eof",
@@ -44,6 +45,7 @@ __all__ = [
     "serving",
     "start",
     "stop",
+    "transport_needs",
 ]
 
 #: Seconds any client call or wait may take before the scenario fails.
@@ -86,6 +88,22 @@ def require(feature: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: a missing feature fails instead of skipping)")
     pytest.skip(reason)
+
+
+def transport_needs(transport: Any) -> list[str]:
+    """The FEATURES *transport* needs: its address family's, and /proc for the checks."""
+    family = sockserve.compose(transport).address_family  # type: ignore[attr-defined]
+    needs = ["proc"]
+    if family == socket.AF_INET6:
+        needs.append("ipv6")
+    elif family == getattr(socket, "AF_UNIX", None):
+        needs.append("af_unix")
+    return needs
+
+
+def is_stream_transport(transport: Any) -> bool:
+    """*transport* is connection-oriented (anything but SOCK_DGRAM)."""
+    return sockserve.compose(transport).socket_type != socket.SOCK_DGRAM  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- the subject
@@ -137,17 +155,13 @@ class Subject:
         return cls(self.address(cls), handler)
 
     def check_platform(self) -> None:
-        """Skip (``require``) when the transport or strategy needs what is missing here."""
-        cls = sockserve.compose(self.transport)
-        family = cls.address_family  # type: ignore[attr-defined]
-        if family == socket.AF_INET6:
-            require("ipv6")
-        if family == getattr(socket, "AF_UNIX", None):
-            require("af_unix")
-        require("proc")
+        """Skip (``require``) when the transport needs what is missing here."""
+        for feature in transport_needs(self.transport):
+            require(feature)
 
     def is_stream(self) -> bool:
-        return sockserve.compose(self.transport).socket_type != socket.SOCK_DGRAM  # type: ignore[attr-defined]
+        """The transport is connection-oriented (anything but SOCK_DGRAM)."""
+        return is_stream_transport(self.transport)
 
     def connect(self, server: Any, *, session: bool = True) -> socket.socket:
         """A client connected to *server*: through ``session`` for stream transports
