@@ -155,34 +155,40 @@ def _serve(args: argparse.Namespace) -> int:
     options = parse_command_line_options(server_class, args.option, unknown_hint=option_declared_by)
     server_class = with_options(server_class, options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    with server_class(address, handler) as server:
-        stopping: list[int] = []
-        installer = os.getpid()
+    server = server_class(address, handler)
+    # The stop handler stays installed until server_close() (the drain) has returned.
+    stopping: list[int] = []
+    installer = os.getpid()
 
-        def stop(signum: int, frame: Any) -> None:
-            if os.getpid() != installer:
-                # A forked child (forking strategy) inherited this handler: it is not the
-                # command line, so the signal does what it would have done.
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-                return
-            if stopping:  # a second signal: stop waiting for in-flight requests
-                print("sockserve: second signal; not waiting for in-flight requests",
-                      file=sys.stderr, flush=True)
-                server.end_drain()
-                return
-            stopping.append(signum)
-            server.shutdown()  # from the serving thread: returns at once, the loop ends
+    def stop(signum: int, frame: Any) -> None:
+        if os.getpid() != installer:
+            # A forked child (forking strategy) inherited this handler: it is not the
+            # command line, so the signal does what it would have done.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if stopping:  # a second signal: stop waiting for in-flight requests
+            print("sockserve: second signal; not waiting for in-flight requests",
+                  file=sys.stderr, flush=True)
+            server.end_drain()
+            return
+        stopping.append(signum)
+        server.shutdown()  # from the serving thread: returns at once, the loop ends
 
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(
+            f"sockserve: {base.__name__} serving on {_show(server.server_address)} "
+            f"with {handler.__module__}.{handler.__qualname__}; Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
+        server.serve_forever(SERVE_POLL_INTERVAL)
+    finally:
         try:
-            print(
-                f"sockserve: {base.__name__} serving on {_show(server.server_address)} "
-                f"with {handler.__module__}.{handler.__qualname__}; Ctrl-C to stop",
-                file=sys.stderr,
-                flush=True,
-            )
-            server.serve_forever(SERVE_POLL_INTERVAL)
+            # Most strategies drain here, not in serve_forever: a second signal during
+            # the drain must still reach stop() and end it.
+            server.server_close()
         finally:
             for sig, handler_before in previous.items():
                 signal.signal(sig, handler_before)

@@ -687,7 +687,8 @@ def finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
 def refused(address: Any) -> bool:
     try:
         socket.create_connection(address, timeout=2).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
+        # Reset: the probe reached the backlog just as the listening socket was closed.
         return True
     return False
 
