@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 import threading
 from typing import Any, TYPE_CHECKING
@@ -95,7 +96,19 @@ class ForkingMixIn(_ServerClass):
         listening = getattr(self, "socket", None)
         if listening is not None and listening.type == socket.SOCK_STREAM:
             listening.close()
+        # The drain's SIGTERM at its deadline (not a handler inherited from the parent,
+        # such as the command line's): the connection is cut off through cut_off(), so
+        # the socket a layer made (TLS) is shut down and the handler returns.
+        signal.signal(signal.SIGTERM, self._terminated)
         exit_child(lambda: 0 if self.run_request(request, client_address) else 1)
+
+    def _terminated(self, signum: int, frame: Any) -> None:
+        # A handler blocked on its connection returns now and the child exits as after
+        # any request (the finish hooks fire); one that does not is killed after the
+        # grace (stop_processes). With nothing to cut off, the signal does what it does.
+        if not self.cut_off(self.in_flight):
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def _pause_for(self, newest: int) -> None:
         """At the limit: stop accepting until one of our children exits.
