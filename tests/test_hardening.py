@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import socketserver
@@ -43,6 +42,7 @@ from support import (
     no_leaks,
     read_to_eof,
     requires_fork,
+    requires_ss,
     serving,
     skip_unless_supported,
     start_serving,
@@ -829,10 +829,6 @@ def listen_backlog(port: int) -> int:
     return int(out[2])
 
 
-requires_ss = pytest.mark.skipif(
-    shutil.which("ss") is None or not sys.platform.startswith("linux"),
-    reason="requires the ss tool (iproute2) to read listen backlogs",
-)
 
 
 @requires_ss

@@ -36,6 +36,7 @@ from support import (
     ask_stream,
     child_pids,
     is_running,
+    missing,
     read_banner,
     requires_af_unix,
     requires_fork,
@@ -466,7 +467,7 @@ def test_processpool_spreads_clients_over_workers_replaces_a_killed_one_and_reap
     pool_run, transport
 ):
     if transport == "tcp6" and not HAS_IPV6:
-        pytest.skip("requires_ipv6: no IPv6 loopback")
+        missing("requires_ipv6: no IPv6 loopback")
     result, stderr = pool_run(transport)
     parent, pool = result["parent"], result["pool"]
     assert result["class"] == POOL_CLASS[transport]
