@@ -162,28 +162,6 @@ def test_max_children_bounds_the_children_running_at_once():
     assert max(running) <= 2
 
 
-def test_server_close_waits_for_a_slow_child_when_block_on_close(tmp_path):
-    class Slow(sockserve.BaseRequestHandler):
-        def handle(self):
-            (tmp_path / "started").write_text(str(os.getpid()))
-            time.sleep(0.5)
-            (tmp_path / "done").write_text(str(os.getpid()))
-            self.request.sendall(b"done")
-
-    assert sockserve.ForkingTCPServer.block_on_close is True
-    with no_leaks():
-        with serving(sockserve.ForkingTCPServer(LOOPBACK, Slow)) as server:
-            with connect(server) as client:
-                assert wait_until((tmp_path / "started").exists)
-                child = int((tmp_path / "started").read_text())
-                server.shutdown()
-                server.server_close()
-                assert (tmp_path / "done").exists(), "server_close returned before the child"
-                assert server.active_children == set()
-                assert child not in child_pids()
-                assert read_to_eof(client) == b"done"
-
-
 def test_server_close_returns_at_once_without_block_on_close(tmp_path):
     class Slow(sockserve.BaseRequestHandler):
         def handle(self):
@@ -298,37 +276,6 @@ def test_drain_timeout_terminates_then_kills_stuck_children(tmp_path, caplog, ex
     assert [r.getMessage() for r in warnings] == [
         "Draining: drain deadline of 0.3s passed; terminating 2 child process(es)"
     ]
-
-
-def test_per_request_hooks_fire_in_the_child(tmp_path):
-    log_path = tmp_path / "hooks.log"
-
-    class PidWriter:
-        def _append(self, line: str) -> None:
-            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-            try:
-                os.write(fd, line.encode() + b"\n")
-            finally:
-                os.close(fd)
-
-        @sockserve.hookimpl
-        def sockserve_request_start(self):
-            self._append(f"start {os.getpid()}")
-
-        @sockserve.hookimpl
-        def sockserve_request_finish(self, exc):
-            self._append(f"finish {os.getpid()} {exc!r}")
-
-    cls = sockserve.compose("tcp", "forking", plugins=[PidWriter()])
-    with no_leaks():
-        with serving(cls(LOOPBACK, ReplyPid)) as server:
-            pids = []
-            for _ in range(3):
-                with connect(server) as client:
-                    pids.append(int(read_to_eof(client).split()[0]))
-    assert os.getpid() not in pids
-    expected = [f"start {pid}" for pid in pids] + [f"finish {pid} None" for pid in pids]
-    assert sorted(log_path.read_text().splitlines()) == sorted(expected)
 
 
 def test_shutdown_called_in_a_child_stops_neither_the_child_nor_the_parent():
