@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import sockserve
+from sockserve.testing import LayerTests, StrategyTests
 from support import no_leaks, serving, wait_until
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
@@ -145,3 +146,32 @@ def test_guide_layer_option_is_checked_like_every_other(guide_layer):
     with pytest.raises(sockserve.OptionError, match="header_timeout"):
         sockserve.compose("tcp", "sync", layers=[guide_layer.SourceLineLayer],
                           options={"header_timeout": -1})
+
+
+# The same examples through the conformance kit, as their author's own tests would run them.
+_strategy_module = load_guide_module("strategy")
+_layer_module = load_guide_module("layer")
+
+
+class TestGuideStrategyConforms(StrategyTests):
+    strategy = _strategy_module.BoundedThreadsMixIn
+    options = {"max_threads": 4}
+    transports = ("tcp", "unix")
+
+
+def _bad_header(sock: socket.socket) -> None:
+    sock.sendall(b"HELLO\n")
+
+
+class TestGuideLayerConforms(LayerTests):
+    layer = _layer_module.SourceLineLayer
+    options = {"header_timeout": 0.3}
+    strategies = ("sync", "threading", "threadpool")
+    expected_client = ("192.0.2.9", 77)
+
+    def client_session(self, sock: socket.socket) -> socket.socket:
+        sock.sendall(b"FROM 192.0.2.9 77\n")
+        return sock
+
+    def failing_clients(self) -> dict[str, Any]:
+        return {**super().failing_clients(), "bad-header": _bad_header}
