@@ -3,6 +3,20 @@
 Discovery reads entry-point metadata only; a plugin's module is imported the first time
 that plugin is asked for, so asking for ``tcp`` imports only what ``tcp`` needs. Composed
 classes are cached: the same arguments give the same class object.
+
+What belongs here, and why it is one module of more than 400 lines: everything that turns
+names into classes, because each step needs the others' tables.
+
+- The kinds of plugin as data (``Kind`` rows in ``TABLE``: group, label, check, built-in
+  entry points); a new kind is one row.
+- Discovery, loading and reporting (``names``, ``info``, ``load``, ``failures``, clashes
+  between distributions), with errors that name the entry point and distribution.
+- Composition (``compose``, ``transport_class``): the MRO, the class names, the binding of a
+  class to its registry and family, and resolving a name back to a class
+  (``resolve``) so that composed classes pickle.
+
+Not here: what the plugins do (``transports/``, ``concurrency/``), options (``_options``),
+hook relays (``_hooks``).
 """
 
 from __future__ import annotations

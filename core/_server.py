@@ -7,6 +7,9 @@ documents them, the places where lifecycle hooks fire, and the strategy contract
 ``cut_off``, ``after_fork``, ``call_hook``, ...) that concurrency strategies and layers are
 written against. The per-process serving state lives in ``_state.py``; sockets, addresses
 and families in ``transports/``; threads and processes in ``concurrency/``.
+
+It is one module of more than 400 lines because the documented lifecycle is one class:
+splitting ``BaseServer`` across modules would split the path every request takes.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 clients, bounded waits, and what a process holds (descriptors, threads, children).
 
 Every blocking call here has a timeout: a scenario that goes wrong fails, it never hangs.
+Slightly over 400 lines: the helpers every scenario module uses, kept together.
 """
 
 from __future__ import annotations
