@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,8 @@ from ._hooks import block_plugins
 from ._options import declared_option_names, parse_command_line_options, with_options
 from ._registry import registry
 from ._server import LISTEN_BACKLOG
+
+log = logging.getLogger("sockserve")
 
 __all__ = ["main", "parse_address"]
 
@@ -175,7 +178,17 @@ def _serve(args: argparse.Namespace) -> int:
         stopping.append(signum)
         server.shutdown()  # from the serving thread: returns at once, the loop ends
 
+    def reload(signum: int, frame: Any) -> None:
+        if os.getpid() != installer:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        # Off the signal handler: reading files and building contexts may take a while
+        # and must not run inside whatever the serving thread was doing.
+        threading.Thread(target=_reload, args=(server,), name="sockserve-reload", daemon=True).start()
+
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     try:
         print(
             f"sockserve: {base.__name__} serving on {_show(server.server_address)} "
@@ -194,6 +207,15 @@ def _serve(args: argparse.Namespace) -> int:
                 signal.signal(sig, handler_before)
     print("sockserve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _reload(server: Any) -> None:
+    try:
+        server.reload()
+    except Exception:  # a layer that raises instead of keeping its old state
+        log.exception("sockserve: reload failed; serving on with what was loaded before")
+    else:
+        log.info("sockserve: reloaded")
 
 
 def _show(address: Any) -> str:

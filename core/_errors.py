@@ -242,15 +242,27 @@ class LayerError(SockserveError, ConnectionError):
     :ivar peer: the address the connection came from, when the layer knows it.
     :ivar request: the connection as far as the layer got (a wrapped socket), to be shut
         down instead of the raw one; None for the raw one.
+    :ivar log: False when the layer logged the refusal itself (a layer that logs at most
+        once per peer per minute); the server then writes no line of its own.
+
+    Raised from ``verify_request`` (on the serving thread, before anything is read, as
+    an allow-list does), it refuses the connection the same way, counted by *reason*.
     """
 
     def __init__(
-        self, reason: str, peer: Any = None, detail: str = "", *, request: Any = None
+        self,
+        reason: str,
+        peer: Any = None,
+        detail: str = "",
+        *,
+        request: Any = None,
+        log: bool = True,
     ) -> None:
         self.reason = reason
         self.peer = peer
         self.detail = detail
         self.request = request
+        self.log = log
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
     def __str__(self) -> str:  # OSError would format (errno, strerror) pairs

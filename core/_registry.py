@@ -68,11 +68,18 @@ def _check_mixin(plugin: Any) -> Any:
     return plugin
 
 
+#: What a layer overrides, at least one of them (DESIGN.md section 6).
+LAYER_METHODS = ("prepare_request", "verify_request", "shutdown_request")
+
+
 def _check_layer(plugin: Any) -> Any:
     if not isinstance(plugin, type) or not any(
-        "prepare_request" in vars(klass) for klass in plugin.__mro__[:-1]
+        name in vars(klass) for klass in plugin.__mro__[:-1] for name in LAYER_METHODS
     ):
-        raise TypeError(f"{plugin!r} is not a layer: a mixin class overriding prepare_request")
+        raise TypeError(
+            f"{plugin!r} is not a layer: a mixin class overriding {', '.join(LAYER_METHODS)}"
+            " (at least one)"
+        )
     return plugin
 
 

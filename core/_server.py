@@ -389,6 +389,14 @@ class BaseServer:
     def service_actions(self) -> None:
         """Called on every turn of the ``serve_forever`` loop; may be overridden."""
 
+    def reload(self) -> None:
+        """Re-read what the server was built from (certificates and keys), keeping what
+        works: a layer whose new files are bad logs the error and keeps the old ones.
+
+        ``sockserve serve`` calls it on SIGHUP. Layers and plugins override it and chain
+        with ``super()``; the default does nothing.
+        """
+
     def handle_request(self) -> None:
         """Handle one request, waiting at most ``timeout`` (then ``handle_timeout()``).
 
@@ -422,10 +430,14 @@ class BaseServer:
         if state.accept_failures:
             self._sockserve_accept_resumed(state)
         verify = self._sockserve_hooks.verify_request
-        if verify is None:
-            accepted = self.verify_request(request, client_address)
-        else:
-            accepted = self._sockserve_verify(verify, request, client_address)
+        try:
+            if verify is None:
+                accepted = self.verify_request(request, client_address)
+            else:
+                accepted = self._sockserve_verify(verify, request, client_address)
+        except LayerError as exc:  # a layer's allow-list, on the serving thread
+            self._sockserve_refuse(exc, request, client_address)
+            return
         if not accepted:
             if self._sockserve_hooks.request_denied is None:
                 self.shutdown_request(request)
@@ -566,12 +578,17 @@ class BaseServer:
         except BaseException:
             self.shutdown_request(raw)
             raise
-        log.warning(
-            "%s: refused %s: %s", type(self).__name__, failed.peer or client_address, failed
-        )
+        self._sockserve_refuse(failed, raw, client_address)
+        return None
+
+    def _sockserve_refuse(self, failed: LayerError, raw: Any, client_address: Any) -> None:
+        """A layer refused the connection: one log line (unless it logged), then deny."""
+        if failed.log:
+            log.warning(
+                "%s: refused %s: %s", type(self).__name__, failed.peer or client_address, failed
+            )
         request = raw if failed.request is None else failed.request
         self.deny_request(request, client_address, failed.reason)
-        return None
 
     def _sockserve_run(self, hooks: HookRelay, request: Any, client_address: Any) -> bool:
         start = hooks.request_start
