@@ -320,6 +320,17 @@ def make_distribution(
     return dist_info
 
 
+#: The scripts and handler modules that tests run in other processes.
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def script_path(name: str) -> str:
+    """The path of ``tests/scripts/<name>``, as a command line takes it; fails if it is missing."""
+    path = SCRIPTS / name
+    assert path.is_file(), f"no script {path}"
+    return str(path)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment for a subprocess, without PYTHONPATH and the variables
     that turn plugins off (SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD, SOCKSERVE_BLOCK_PLUGINS),
@@ -333,25 +344,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-#: Run by probe_autoload: what the registry and the plugin manager say about one plugin.
-AUTOLOAD_PROBE = """
-import json, sockserve
-manager = sockserve.get_plugin_manager()
-plugin = sockserve.registry.load("plugin", "{name}")
-print(json.dumps({{
-    "listed": "{name}" in sockserve.registry.names("plugin"),
-    "registered": manager.get_plugin("{name}") is not None or plugin in manager.get_plugins(),
-    "autoload_attribute": getattr(plugin, "sockserve_autoload", True),
-    "control_registered": manager.get_plugin("probe") is not None,
-}}))
-"""
-
-
 def probe_autoload(name: str, tmp_path: Path) -> dict[str, Any]:
     """Ask a fresh interpreter, with autoload on, what became of plugin *name*.
 
     A control plugin (``probe``, in a distribution written into ``tmp_path / "site"``)
-    shows that autoload ran. Returns the JSON of AUTOLOAD_PROBE: ``listed``,
+    shows that autoload ran. Returns the JSON of ``tests/scripts/autoload_probe.py``: ``listed``,
     ``registered``, ``autoload_attribute`` and ``control_registered``.
     """
     site = tmp_path / "site"
@@ -372,7 +369,7 @@ def probe_autoload(name: str, tmp_path: Path) -> dict[str, Any]:
         },
     )
     proc = subprocess.run(
-        [sys.executable, "-c", AUTOLOAD_PROBE.format(name=name)],
+        [sys.executable, script_path("autoload_probe.py"), name],
         cwd=tmp_path, env=clean_env(PYTHONPATH=str(site)), capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
