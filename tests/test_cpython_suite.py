@@ -21,29 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from support import clean_env
+from support import clean_env, script_path
 
 SOURCE = Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_socketserver.py"
 #: Fails by design (see the module docstring).
 EXPECTED_FAILURES = ["test_socketserver_sockserve.MiscTestCase.test_all"]
-
-DRIVER = r"""
-import json, sys, unittest
-sys.path.insert(0, sys.argv[1])
-suite = unittest.TestLoader().loadTestsFromName("test_socketserver_sockserve")
-result = unittest.TestResult()
-suite.run(result)
-import sockserve, test_socketserver_sockserve as t
-print(json.dumps({
-    "run": result.testsRun,
-    "failures": sorted(test.id() for test, _ in result.failures),
-    "errors": sorted(test.id() for test, _ in result.errors),
-    "details": [text for _, text in result.failures + result.errors],
-    "skipped": sorted(test.id() for test, _ in result.skipped),
-    "module_under_test": t.socketserver.__name__,
-}))
-"""
-
 
 @pytest.mark.skipif(not SOURCE.exists(), reason=f"this Python has no {SOURCE}")
 def test_cpython_socketserver_tests_pass_with_only_the_import_changed(tmp_path):
@@ -52,7 +34,7 @@ def test_cpython_socketserver_tests_pass_with_only_the_import_changed(tmp_path):
     changed = text.replace("\nimport socketserver\n", "\nimport sockserve as socketserver\n")
     (tmp_path / "test_socketserver_sockserve.py").write_text(changed, encoding="utf-8")
     proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(tmp_path)], cwd=tmp_path, env=clean_env(),
+        [sys.executable, script_path("cpython_suite_driver.py"), str(tmp_path)], cwd=tmp_path, env=clean_env(),
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

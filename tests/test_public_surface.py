@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import sockserve
+from support import script_path
 
 PACKAGE_DIR = Path(sockserve.__file__).resolve().parent
 #: Directories of the repository that are not part of the library.
@@ -216,22 +217,9 @@ def test_library_sources_never_import_socketserver():
     assert offenders == []
 
 
-NO_SOCKETSERVER_SCRIPT = r"""
-import json, sys
-import sockserve
-from sockserve.core import _cli
-for name in sockserve.STANDARD_NAMES:
-    getattr(sockserve, name)
-for kind in ("family", "socket_type", "transport", "concurrency", "plugin"):
-    for name in sockserve.registry.names(kind):
-        sockserve.registry.load(kind, name)
-print(json.dumps("socketserver" in sys.modules))
-"""
-
-
 def test_using_every_part_of_sockserve_does_not_import_socketserver(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-c", NO_SOCKETSERVER_SCRIPT],
+        [sys.executable, script_path("no_socketserver_import.py")],
         cwd=tmp_path,
         capture_output=True,
         text=True,
