@@ -23,6 +23,7 @@ from support import (
     no_leaks,
     read_to_eof,
     requires_fork,
+    script_path,
     serving,
     skip_unless_supported,
     wait_until,
@@ -438,29 +439,8 @@ def test_reuse_port_is_refused_for_unix_sockets(tmp_path):
 
 # ----------------------------------------------------------------- a server in its own process
 
-SERVER_SCRIPT = r"""
-import os, sys, time
-import sockserve
-
-class Announce:
-    @sockserve.hookimpl
-    def sockserve_post_fork(self, worker_id):
-        os.write(1, b"worker %d\n" % os.getpid())  # one write: workers print at once
-
-class Slow(sockserve.BaseRequestHandler):
-    def handle(self):
-        self.request.recv(100)
-        self.request.sendall(b"start\n")
-        time.sleep(0.5)
-        self.request.sendall(b"done %d" % os.getpid())
-
-cls = sockserve.compose("tcp", "prefork", plugins=[Announce()], options={"workers": 2})
-server = cls(("127.0.0.1", 0), Slow)
-os.write(1, b"port %d\n" % server.server_address[1])
-server.serve_forever(0.05)
-server.server_close()
-os.write(1, b"stopped\n")
-"""
+#: Prints the port, then each worker's pid; serves requests that take half a second.
+SERVER_SCRIPT = script_path("prefork_server.py")
 
 
 class ServerProcess:
@@ -468,7 +448,7 @@ class ServerProcess:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER_SCRIPT],
+            [sys.executable, SERVER_SCRIPT],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -519,7 +499,7 @@ def _runs_our_script(pid: int) -> bool:
     """True when *pid* runs SERVER_SCRIPT (a recycled pid must not be killed)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"class Announce" in f.read()
+            return SERVER_SCRIPT.encode() in f.read().split(b"\0")
     except OSError:
         return False
 
