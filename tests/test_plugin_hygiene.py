@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 
 import sockserve
-from support import ask_stream, clean_env, make_distribution, read_banner, sockserve_process
+from support import ask_stream, clean_env, make_distribution, read_banner, script_path, sockserve_process
 
 #: Seconds a subprocess gets to start serving or to finish.
 RUN_TIMEOUT = 60
@@ -143,10 +142,14 @@ def log_lines(tmp_path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
 
 
-def run_script(body: str, env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    """Run ECHO + *body* in a subprocess; return the JSON it printed last, and its stderr."""
+#: The scenarios run_script runs, each in a fresh interpreter (see its docstring).
+SCENARIOS = script_path("hygiene_scenarios.py")
+
+
+def run_script(scenario: str, env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    """Run one scenario of SCENARIOS in a subprocess; return the JSON it printed last, and its stderr."""
     proc = subprocess.run(
-        [sys.executable, "-c", ECHO + textwrap.dedent(body)],
+        [sys.executable, SCENARIOS, scenario],
         cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
         timeout=RUN_TIMEOUT,
     )
@@ -154,37 +157,6 @@ def run_script(body: str, env: dict[str, str], cwd: Path) -> dict[str, Any]:
     result = json.loads(proc.stdout.splitlines()[-1])
     result["stderr"] = proc.stderr
     return result
-
-
-#: Prepended to scripts: a real echo over a composed server, in the subprocess.
-ECHO = """
-import json, socket, sys, threading, warnings
-import sockserve
-
-class Upper(sockserve.BaseRequestHandler):
-    def handle(self):
-        chunks = []
-        while chunk := self.request.recv(65536):
-            chunks.append(chunk)
-        self.request.sendall(b"".join(chunks).upper())
-
-def echo(cls, payload=b"echo"):
-    server = cls(("127.0.0.1", 0), Upper)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,))
-    thread.start()
-    try:
-        with socket.create_connection(server.server_address, timeout=10) as client:
-            client.sendall(payload)
-            client.shutdown(socket.SHUT_WR)
-            reply = b""
-            while chunk := client.recv(65536):
-                reply += chunk
-    finally:
-        server.shutdown()
-        thread.join(10)
-        server.server_close()
-    return reply.decode()
-"""
 
 
 # --------------------------------------------------------------------------- the command line
@@ -216,17 +188,7 @@ def stop(proc: subprocess.Popen[bytes]) -> str:
 
 def test_disable_autoload_stops_autoloading_but_a_plugin_asked_for_by_name_still_loads(site, tmp_path):
     env = environment(tmp_path, site, SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD="1")
-    result = run_script("""
-        manager = sockserve.get_plugin_manager()
-        plain = echo(sockserve.ThreadingTCPServer, b"plain")
-        imported_before = "hygiene_good" in sys.modules
-        good = sockserve.registry.load("plugin", "good")
-        named = echo(sockserve.compose("tcp", "threading", plugins=[good]), b"named")
-        print(json.dumps({
-            "plain": plain, "named": named, "imported_before": imported_before,
-            "registered": [manager.get_name(p) for p in manager.get_plugins()],
-        }))
-    """, env, tmp_path)
+    result = run_script("autoload-off", env, tmp_path)
     assert (result["plain"], result["named"]) == ("PLAIN", "NAMED")
     assert result["imported_before"] is False
     assert result["registered"] == []
@@ -245,17 +207,7 @@ def test_disable_autoload_still_lets_serve_enable_a_plugin_by_name(site, tmp_pat
 @pytest.mark.parametrize("blocked", ["good", " good ,", "good,nonexistent"])
 def test_block_plugins_keeps_one_autoloaded_plugin_out_without_importing_it(site, tmp_path, blocked):
     env = environment(tmp_path, site, SOCKSERVE_BLOCK_PLUGINS=blocked)
-    result = run_script("""
-        manager = sockserve.get_plugin_manager()
-        reply = echo(sockserve.ThreadingTCPServer)
-        print(json.dumps({
-            "reply": reply,
-            "good_imported": "hygiene_good" in sys.modules,
-            "other_imported": "hygiene_other" in sys.modules,
-            "registered": [manager.get_name(p) for p in manager.get_plugins()],
-            "blocked": manager.is_blocked("good"),
-        }))
-    """, env, tmp_path)
+    result = run_script("block-one", env, tmp_path)
     assert result["reply"] == "ECHO"
     assert (result["good_imported"], result["other_imported"]) == (False, True)
     assert result["registered"] == ["other"] and result["blocked"] is True
@@ -264,10 +216,7 @@ def test_block_plugins_keeps_one_autoloaded_plugin_out_without_importing_it(site
 
 def test_block_plugins_can_block_every_autoloaded_plugin(site, tmp_path):
     env = environment(tmp_path, site, SOCKSERVE_BLOCK_PLUGINS="other,good")
-    result = run_script("""
-        reply = echo(sockserve.ThreadingTCPServer)
-        print(json.dumps({"reply": reply, "plugins": len(sockserve.get_plugin_manager().get_plugins())}))
-    """, env, tmp_path)
+    result = run_script("block-all", env, tmp_path)
     assert (result["reply"], result["plugins"]) == ("ECHO", 0)
     assert log_lines(tmp_path) == []
 
@@ -295,56 +244,6 @@ def test_serve_plugin_no_name_keeps_an_autoloaded_plugin_out_for_one_run(site, t
 
 # --------------------------------------------------------------------------- broken plugins
 
-BROKEN_SCRIPT = """
-def pinned(error):
-    return {
-        "type": type(error).__name__, "message": str(error), "kind": error.kind,
-        "plugin_name": error.plugin_name, "entry_point": error.entry_point,
-        "distribution": error.distribution, "cause": f"{type(error.cause).__name__}: {error.cause}",
-        "chained": error.__cause__ is error.cause, "import_error": isinstance(error, ImportError),
-    }
-
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    manager = sockserve.get_plugin_manager()
-    result = {"registered": sorted(manager.get_name(p) for p in manager.get_plugins())}
-    errors = {}
-    for kind, name in [("transport", "crashy-tls"), ("concurrency", "gevent"),
-                       ("concurrency", "notaclass"), ("plugin", "crashy")]:
-        try:
-            sockserve.registry.load(kind, name)
-        except sockserve.PluginLoadError as exc:
-            again = None
-            try:
-                sockserve.registry.load(kind, name)
-            except sockserve.PluginLoadError as second:
-                again = second
-            errors[name] = {**pinned(exc), "same_again": again is exc}
-    result["errors"] = errors
-    compose_errors = []
-    for args in [("crashy-tls", "sync"), ("tcp", "gevent")]:
-        try:
-            sockserve.compose(*args)
-        except sockserve.PluginLoadError as exc:
-            compose_errors.append(exc.plugin_name)
-    result["compose_errors"] = compose_errors
-    result["failures"] = sorted(f"{k} {n}" for k, n in sockserve.registry.failures())
-    result["tcp_from"] = sockserve.registry.info("transport", "tcp").describe_distribution()
-    result["threading_from"] = sockserve.registry.info("concurrency", "threading").describe_distribution()
-    result["replies"] = {
-        "threading": echo(sockserve.compose("tcp", "threading")),
-        "forking": echo(sockserve.compose("tcp", "forking")),
-        "sync": echo(sockserve.TCPServer),
-        "tcp-alt": echo(sockserve.compose("tcp-alt", "threading")),
-    }
-    result["tcp_alt_class"] = sockserve.compose("tcp-alt", "threading").__name__
-    result["clashes"] = sockserve.registry.clashes
-result["warnings"] = [[w.category.__name__, str(w.message)] for w in caught]
-result["evil_imported"] = "hygiene_evil" in sys.modules
-print(json.dumps(result))
-"""
-
-
 @pytest.fixture
 def broken_site(site: Path) -> Path:
     install_broken(site)
@@ -352,7 +251,7 @@ def broken_site(site: Path) -> Path:
 
 
 def test_broken_plugins_give_one_clear_message_each_and_everything_else_works(broken_site, tmp_path):
-    result = run_script(BROKEN_SCRIPT, environment(tmp_path, broken_site), tmp_path)
+    result = run_script("broken", environment(tmp_path, broken_site), tmp_path)
     # The working plugins were auto-loaded; the one raising on import was not.
     assert result["registered"] == ["good", "other"]
     errors = result["errors"]
@@ -499,15 +398,8 @@ def test_a_name_two_third_parties_register_goes_to_sys_path_order_then_distribut
             "dup": f"{name.replace('-', '_')}:T",
             f"dup-{where.name}": f"{name.replace('-', '_')}:T",
         }})
-    script = (
-        "import json, warnings, sockserve\n"
-        "warnings.simplefilter('ignore')\n"
-        "r = sockserve.registry\n"
-        "print(json.dumps([r.info('transport', n).distribution for n in ('dup', 'dup-late')]"
-        " + [len(r.clashes)]))\n"
-    )
     proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
+        [sys.executable, SCENARIOS, "clash-order"], cwd=tmp_path, stdin=subprocess.DEVNULL,
         env=clean_env(PYTHONPATH=os.pathsep.join([str(early), str(late)])),
         capture_output=True, text=True, timeout=RUN_TIMEOUT,
     )
