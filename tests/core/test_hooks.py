@@ -28,6 +28,7 @@ from support import (
     exchange,
     make_distribution,
     no_leaks,
+    script_path,
     serving,
     skip_unless_supported,
     wait_until,
@@ -624,34 +625,13 @@ def sockserve_server_activate(server):
     activated.append(server.server_address[1])
 """
 
-AUTOLOAD_SCRIPT = r"""
-import json, sys, warnings
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    import sockserve
-    manager = sockserve.get_plugin_manager()
-    server = sockserve.TCPServer(("127.0.0.1", 0), sockserve.BaseRequestHandler)
-    server.server_close()
-plugin = sys.modules.get("sockserve_demo_plugin")
-result = {
-    "imported": plugin is not None,
-    "registered": manager.get_plugin("demo") is not None,
-    "activated": plugin.activated == [server.server_address[1]] if plugin else None,
-    "warnings": [[w.category.__name__, str(w.message)] for w in caught],
-    "names": sockserve.registry.names("plugin"),
-    "loads": sockserve.registry.load("plugin", "demo").__name__,
-}
-print(json.dumps(result))
-"""
-
-
 def run_autoload(tmp_path: Path, env_value: str | None) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in ("SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD", "PYTHONPATH")}
     env["PYTHONPATH"] = str(tmp_path / "site")
     if env_value is not None:
         env["SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD"] = env_value
     proc = subprocess.run(
-        [sys.executable, "-c", AUTOLOAD_SCRIPT],
+        [sys.executable, script_path("autoload_demo.py")],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -27,6 +27,7 @@ from support import (
     make_distribution,
     no_leaks,
     requires_af_unix,
+    script_path,
     serving,
 )
 
@@ -567,43 +568,6 @@ def test_a_removed_name_added_again_composes_with_the_new_plugin():
 
 # --------------------------------------------------------------------------- in a fresh interpreter
 
-VENDORED_SCRIPT = r"""
-import json, socket, sys, threading
-vendor = sys.argv[1]
-sys.path.insert(0, vendor)
-import importlib_metadata
-dists = sorted(d.metadata["Name"] for d in importlib_metadata.distributions())
-import sockserve
-cls = sockserve.compose("tcp", "threading")
-
-class Upper(sockserve.StreamRequestHandler):
-    def handle(self):
-        self.wfile.write(self.rfile.readline().upper())
-
-server = cls(("127.0.0.1", 0), Upper)
-thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-thread.start()
-try:
-    with socket.create_connection(server.server_address, timeout=10) as client:
-        client.sendall(b"vendored\n")
-        reply = client.makefile("rb").readline()
-finally:
-    server.shutdown()
-    thread.join(10)
-    server.server_close()
-info = sockserve.registry.info("transport", "tcp")
-print(json.dumps({
-    "dists": dists,
-    "file": sockserve.__file__,
-    "reply": reply.decode(),
-    "class": cls.__name__,
-    "distribution": info.distribution,
-    "version": info.version,
-    "names": {k: sockserve.registry.names(k) for k in ("transport", "concurrency")},
-    "stopped": not thread.is_alive(),
-}))
-"""
-
 
 def test_builtins_work_without_installed_metadata(tmp_path):
     """Vendored: a fresh interpreter without site-packages finds sockserve through a symlink."""
@@ -616,7 +580,7 @@ def test_builtins_work_without_installed_metadata(tmp_path):
         if source.name == "__init__.py":
             source = source.parent
         (vendor / source.name).symlink_to(source)
-    out = run_python(["-I", "-S", "-c", VENDORED_SCRIPT, str(vendor)], cwd=tmp_path)
+    out = run_python(["-I", "-S", script_path("vendored_sockserve.py"), str(vendor)], cwd=tmp_path)
     result = json.loads(out)
     assert "sockserve" not in [d.lower() for d in result["dists"]]
     assert result["file"] == str(vendor / "sockserve" / "__init__.py")
@@ -630,19 +594,9 @@ def test_builtins_work_without_installed_metadata(tmp_path):
     assert result["stopped"]
 
 
-LAZY_SCRIPT = r"""
-import json, sys
-import sockserve
-after_import = sorted(m for m in sys.modules if m.startswith("sockserve."))
-sockserve.compose("tcp")
-after_compose = sorted(m for m in sys.modules if m.startswith("sockserve."))
-print(json.dumps([after_import, after_compose]))
-"""
-
-
 def test_asking_for_tcp_imports_only_what_tcp_needs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    after_import, after_compose = json.loads(run_python(["-c", LAZY_SCRIPT], tmp_path, env))
+    after_import, after_compose = json.loads(run_python([script_path("lazy_imports.py")], tmp_path, env))
     assert not [m for m in after_import if m.startswith(("sockserve.transports.", "sockserve.concurrency."))]
     for needed in ("sockserve.transports._pairs", "sockserve.transports._inet", "sockserve.transports._stream"):
         assert needed in after_compose
