@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import sockserve
 from sockserve.core._cli import UsageError, parse_address
 from support import (
     BUILTIN_CONCURRENCY,
+    SCRIPTS,
     ask_stream,
     clean_env,
     make_distribution,
@@ -158,29 +158,8 @@ def test_serve_forking_concurrency(tmp_path):
         assert server.stop(signal.SIGTERM)[0] == 0
 
 
-REPORTING_HANDLER = """
-import os
-import sockserve
-
-
-class Report(sockserve.BaseRequestHandler):
-    '''Reply with the server's class name and settings, and the serving process.'''
-
-    def handle(self):
-        server = self.server
-        self.request.recv(1024)
-        text = (
-            f"{type(server).__name__} drain_timeout={server.drain_timeout!r} "
-            f"daemon_threads={server.daemon_threads!r} "
-            f"request_queue_size={server.request_queue_size!r}"
-        )
-        self.request.sendall(text.encode())
-"""
-
-
 def test_serve_handler_given_as_module_and_class(tmp_path):
-    (tmp_path / "cli_handlers.py").write_text(textwrap.dedent(REPORTING_HANDLER), encoding="utf-8")
-    env = clean_env(PYTHONPATH=str(tmp_path))
+    env = clean_env(PYTHONPATH=str(SCRIPTS))  # tests/scripts/cli_handlers.py
     with cli_server("127.0.0.1:0", "cli_handlers:Report", cwd=tmp_path, env=env) as server:
         assert server.handler == "cli_handlers.Report"
         reply = ask_stream(server.address, b"?\n").decode()
@@ -189,8 +168,7 @@ def test_serve_handler_given_as_module_and_class(tmp_path):
 
 
 def test_serve_options_set_server_settings(tmp_path):
-    (tmp_path / "cli_handlers.py").write_text(textwrap.dedent(REPORTING_HANDLER), encoding="utf-8")
-    env = clean_env(PYTHONPATH=str(tmp_path))
+    env = clean_env(PYTHONPATH=str(SCRIPTS))  # tests/scripts/cli_handlers.py
     args = (
         "127.0.0.1:0",
         "cli_handlers:Report",
