@@ -5,11 +5,12 @@ paused: it only supervises, in ``service_actions`` (``WorkerSlots``: exited work
 reported and replaced). Each worker is the same server after ``after_fork()``: it runs the
 same loop with accepting on, with the inner strategy the class order gives
 (``compose("tcp", "prefork", mixins=[ThreadpoolMixIn])``, or the short form
-``inner="threadpool"``), on the shared socket or, with ``reuse_port``, a socket of its own.
-A worker recycles itself after ``max_requests`` requests, and stops when its parent is
-gone. Stopping (``shutdown()``, SIGTERM or SIGINT for a parent serving in its main thread)
-sends the workers SIGTERM; each drains as its inner strategy does; after ``drain_timeout``
-(None: as long as they take) SIGKILL. Made of the public helpers in ``_supervise``.
+``inner="threadpool"``), on the shared socket or, with ``reuse_port``, a socket of its own;
+a connection runs once readable (``first_byte_timeout``). A worker recycles itself after
+``max_requests`` requests, and stops when its parent is gone. Stopping (``shutdown()``,
+SIGTERM or SIGINT for a parent serving in its main thread) sends the workers SIGTERM; each
+drains as its inner strategy does; after ``drain_timeout`` (None: as long as they take)
+SIGKILL. Made of the public helpers in ``_supervise``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, TYPE_CHECKING
 
 import attrs
 
-from ..core import LISTEN_BACKLOG, OptionError, count, declare_options, flag, text
+from ..core import FIRST_BYTE_TIMEOUT, LISTEN_BACKLOG, OptionError, count, declare_options, flag, text
 from ._supervise import WorkerSlots, fork_worker, reuse_port_socket, stop_on_signals, with_inner_strategy
 
 __all__ = ["PreforkMixIn"]
@@ -62,6 +63,7 @@ class PreforkMixIn(_ServerClass):
 
     #: listen() backlog: large, unlike the documented classes' 5 (see LISTEN_BACKLOG).
     request_queue_size = LISTEN_BACKLOG
+    first_byte_timeout: float | None = FIRST_BYTE_TIMEOUT
     # Options (PreforkOptions declares them and their defaults).
     workers: int
     inner: str
@@ -86,8 +88,7 @@ class PreforkMixIn(_ServerClass):
 
     def server_activate(self) -> None:
         if self.reuse_port and self.socket_type == socket.SOCK_STREAM:
-            # Bound (the port stays ours) but not listening: the kernel spreads
-            # connections over listening sockets only, which are the workers'.
+            # Bound, not listening: the kernel spreads connections over the workers' sockets.
             self.call_hook("server_activate")
             return
         super().server_activate()
@@ -137,8 +138,7 @@ class PreforkMixIn(_ServerClass):
         return fork_worker(lambda unblock: self._work(slot, parent, unblock))
 
     def _stop_workers(self) -> None:
-        if self._slots is not None:
-            # Workers, not requests: the parent does not see what a worker is running.
+        if self._slots is not None:  # counts workers: the parent does not see requests
             self.requests_cut_off += self._slots.stop()
 
     def server_close(self) -> None:
@@ -156,8 +156,7 @@ class PreforkMixIn(_ServerClass):
         unblock()  # a stop already sent runs now
         if self.reuse_port:
             reuse_port_socket(self)
-        # Every worker polls the same socket; the ones that lose the race for a
-        # connection must get EAGAIN from accept(), not block in it.
+        # Workers that lose the race for a connection get EAGAIN from accept(), not a block.
         self.socket.setblocking(False)
         self.call_hook("post_fork", worker_id=slot)
         try:
@@ -165,6 +164,10 @@ class PreforkMixIn(_ServerClass):
         finally:
             self.server_close()  # the inner strategy drains; no close hooks in a worker
         return 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Worker: run it once readable (with ``inner="sync"``; the pools wait themselves)."""
+        self.when_readable(request, client_address, super().process_request)
 
     def get_request(self) -> Any:
         """Accept; a worker recycles itself after ``max_requests`` requests."""

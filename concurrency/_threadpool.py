@@ -9,7 +9,7 @@ import attrs
 
 from ..core._contract import Server
 from ..core._options import count, declare_options, flag
-from ..core._server import LISTEN_BACKLOG
+from ..core._server import FIRST_BYTE_TIMEOUT, LISTEN_BACKLOG
 from ._drain import drain_deadline
 from ._pool import ThreadPool
 
@@ -48,8 +48,10 @@ class ThreadpoolOptions:
 class ThreadpoolMixIn(_ServerClass):
     """Handle requests on a fixed pool of ``threads`` threads.
 
-    At most ``threads`` handlers run at once and at most ``backlog`` accepted requests
-    wait; when both are full the server pauses accepting until a thread frees up (the
+    A connection goes to the pool only once it is readable: until its first byte it waits
+    in the serve loop's poller (``first_byte_timeout``, 10 s here), so idle clients hold
+    descriptors, not threads. At most ``threads`` handlers run at once and at most
+    ``backlog`` accepted requests wait; when both are full the server pauses accepting until a thread frees up (the
     serving thread never blocks). ``server_close()`` lets queued and running requests
     finish when ``block_on_close`` is true (bounded by ``drain_timeout``: then queued
     requests are denied and running ones cut off); otherwise queued requests are denied
@@ -61,6 +63,9 @@ class ThreadpoolMixIn(_ServerClass):
 
     #: listen() backlog: large, unlike the documented classes' 5 (see LISTEN_BACKLOG).
     request_queue_size = LISTEN_BACKLOG
+    #: A silent client is closed after this long; until then it holds a descriptor in
+    #: the serve loop, not a thread (``first_byte_timeout``, None for the other classes).
+    first_byte_timeout: float | None = FIRST_BYTE_TIMEOUT
     # Options (ThreadpoolOptions declares them and their defaults).
     threads: int
     backlog: int
@@ -75,8 +80,8 @@ class ThreadpoolMixIn(_ServerClass):
         return pool
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Queue the request for the pool."""
-        self._threadpool().submit(request, client_address)
+        """Queue the request for the pool once it is readable (``when_readable``)."""
+        self.when_readable(request, client_address, self._threadpool().submit)
 
     def server_close(self) -> None:
         """Close the server, then drain and stop the pool (see ``block_on_close``)."""

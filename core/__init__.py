@@ -43,7 +43,7 @@ from ._options import (
 )
 from ._plugin_types import AddressFamily, ConcurrencyMixIn, SocketType, Transport
 from ._registry import Kind, PluginInfo, Registry, compose, registry
-from ._server import LISTEN_BACKLOG, POLL_INTERVAL, BaseServer
+from ._server import FIRST_BYTE_TIMEOUT, LISTEN_BACKLOG, POLL_INTERVAL, BaseServer
 from ._shared import SharedCounters, plugin_state
 from .hookspecs import hookimpl, hookspec
 
@@ -58,6 +58,7 @@ __all__ = [
     "DatagramTruncatedError",
     "HookError",
     "LISTEN_BACKLOG",
+    "FIRST_BYTE_TIMEOUT",
     "Kind",
     "LayerError",
     "OptionCheck",

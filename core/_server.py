@@ -42,7 +42,7 @@ from ._state import (
     poll_timeout,
 )
 
-__all__ = ["BaseServer", "POLL_INTERVAL", "LISTEN_BACKLOG"]
+__all__ = ["BaseServer", "POLL_INTERVAL", "LISTEN_BACKLOG", "FIRST_BYTE_TIMEOUT"]
 
 log = logging.getLogger("sockserve")
 
@@ -56,6 +56,11 @@ POLL_INTERVAL = 0.5
 #: clients connecting at once, a dropped SYN costs a 1 s retransmission
 #: (benchmarks/THROUGHPUT.md).
 LISTEN_BACKLOG = socket.SOMAXCONN
+#: first_byte_timeout of the strategies that wait for readability (threadpool, prefork):
+#: long enough for a slow network, short enough that silent clients do not pile up.
+FIRST_BYTE_TIMEOUT = 10.0
+#: recv() flags of when_readable's look at a new connection: peek, never wait.
+_PEEK_NOW = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 # poll() has no descriptor limit; select() is the fallback, as in the standard module.
 if hasattr(selectors, "PollSelector"):
@@ -74,6 +79,11 @@ class ServerOptions:
     #: off (their connections shut down, logged and counted in ``requests_cut_off``).
     #: None waits as long as they take, which is the standard module's behaviour.
     drain_timeout: float | None = seconds(default=None)
+    #: Seconds an accepted connection may wait for its first byte in the serve loop
+    #: before it is closed (denied, ``first-byte``), for strategies that hand connections
+    #: over only once readable (``when_readable``: threadpool and prefork, which set 10).
+    #: None waits as long as the client takes, holding a descriptor, not a thread.
+    first_byte_timeout: float | None = seconds(default=None)
 
 
 def _closing(close: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -97,6 +107,8 @@ def _closing(close: Callable[[Any], None]) -> Callable[[Any], None]:
             self.call_hook("server_close")
         state.close_depth = depth + 1
         try:
+            if depth == 0 and state.waiting:
+                self._sockserve_settle_waiting()
             close(self)
         finally:
             state.close_depth = depth
@@ -130,9 +142,10 @@ class BaseServer:
       ``sockserve.core.hookspecs``.
     """
 
-    # Options (ServerOptions declares them and their defaults): timeout, drain_timeout.
+    # Options (ServerOptions declares them and their defaults).
     timeout: float | None
     drain_timeout: float | None
+    first_byte_timeout: float | None
     #: Lifecycle plugins that apply to this class only (set by ``compose(plugins=...)``).
     _sockserve_plugins: tuple[object, ...] = ()
     #: prepare_request is overridden (a layer is present): run_request calls it.
@@ -223,6 +236,8 @@ class BaseServer:
         listen_fd = self.fileno()
         polled = False
         timeout = poll_timeout(poll_interval)
+        room = state.waiting
+        room.new[:] = room.entries  # connections left waiting by an earlier serve_forever
         # Locals save attribute lookups on every turn of the loop.
         poll = poller.poll
         handle = self._handle_request_noblock
@@ -234,18 +249,80 @@ class BaseServer:
                     poller.register(listen_fd, READ)
                 else:
                     poller.unregister(listen_fd)
-            ready = poll(timeout)
+            if room.new:
+                for fd in room.new:
+                    poller.register(fd, READ)
+                room.new.clear()
+            ready = poll(room.poll_timeout(timeout) if room.deadlines else timeout)
             # bpo-35017: shutdown() may have been called during poll().
             if state.shutdown_request:
                 break
             for fd, _ in ready:
-                if fd == wake_fd:
+                if fd == listen_fd:
+                    if state.accepting:
+                        handle()
+                elif fd == wake_fd:
                     state.drain_wake()
-                elif state.accepting:
-                    handle()
+                else:
+                    self._sockserve_readable(poller, fd)
+            if room.deadlines:
+                self._sockserve_expire(poller)
             service_actions()
             if hooks.service_actions is not None:
                 call_hook(self, hooks.service_actions)
+
+    def _sockserve_readable(self, poller: Any, fd: int) -> None:
+        """A waiting connection became readable: hand it over as its strategy asked."""
+        waiting = self._sockserve_state.waiting.take(fd)
+        poller.unregister(fd)
+        if waiting is None:
+            return
+        self._sockserve_hand_over(waiting.then, waiting.request, waiting.client_address)
+
+    def _sockserve_hand_over(self, then: Any, request: Any, client_address: Any) -> None:
+        state = self._sockserve_state
+        state.sync_ran = False
+        try:
+            then(request, client_address)
+        except Exception:
+            self._sockserve_handle_error(request, client_address)
+            if not state.sync_ran:
+                self.deny_request(request, client_address, "process_request")
+
+    def _sockserve_settle_waiting(self) -> None:
+        """At close: hand over the waiting connections that become readable before their
+        first-byte deadline and the drain deadline; deny the rest (``closing``).
+
+        They were admitted: a client that connected just before the stop and sends its
+        request a moment later is served, as a request in flight is.
+        """
+        state = self._sockserve_state
+        room = state.waiting
+        poller = Poller()
+        for fd in room.entries:
+            poller.register(fd, READ)
+        room.new.clear()
+        end = None if self.drain_timeout is None else time.monotonic() + self.drain_timeout
+        while room.entries and not state.drain_end.is_set():
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            step = 0.1 if left is None else min(0.1, left)
+            for fd, _ in poller.poll(room.poll_timeout(poll_timeout(step))):
+                self._sockserve_readable(poller, fd)
+            self._sockserve_expire(poller)
+            if not room.deadlines and end is None and room.entries:
+                break  # no deadline at all: nothing would end the wait
+        for waiting in room.take_all():
+            self.deny_request(waiting.request, waiting.client_address, "closing")
+
+    def _sockserve_expire(self, poller: Any) -> None:
+        for fd, waiting in self._sockserve_state.waiting.expired():
+            try:
+                poller.unregister(fd)
+            except KeyError:  # added this turn, not registered yet
+                pass
+            self.deny_request(waiting.request, waiting.client_address, "first-byte")
 
     def shutdown(self) -> None:
         """Stop the ``serve_forever`` loop and wait until it has stopped.
@@ -290,6 +367,43 @@ class BaseServer:
             state.accepting = True
             if state.serving_thread != threading.get_ident():
                 state.wake()
+
+    def when_readable(
+        self, request: Any, client_address: Any, then: Callable[[Any, Any], Any]
+    ) -> None:
+        """Call ``then(request, client_address)`` once the connection is readable.
+
+        For a strategy's ``process_request`` (serving thread): the connection waits in
+        the serve loop's poller, holding a descriptor and no worker, until the client
+        sends its first byte or closes; one still silent after ``first_byte_timeout``
+        seconds is denied (``first-byte``); at ``server_close()`` those still waiting
+        are denied (``closing``). A connection with data already there, and a datagram
+        request, go to *then* at once.
+        """
+        if isinstance(request, tuple):
+            then(request, client_address)
+            return
+        try:
+            if _PEEK_NOW & ~socket.MSG_PEEK:
+                ready = request.recv(1, _PEEK_NOW)
+            else:  # pragma: no cover - no MSG_DONTWAIT (Windows)
+                ready = b"" if select.select([request], [], [], 0)[0] else None
+        except BlockingIOError:
+            ready = None
+        except OSError:  # reset already: the worker sees the error
+            ready = b""
+        if ready is not None:
+            then(request, client_address)
+            return
+        state = self._sockserve_state
+        state.waiting.add(request, client_address, then, self.first_byte_timeout)
+        if state.serving_thread != threading.get_ident():
+            state.wake()
+
+    @property
+    def waiting(self) -> int:
+        """How many accepted connections wait for their first byte (``when_readable``)."""
+        return len(self._sockserve_state.waiting)
 
     @property
     def in_flight(self) -> tuple[Any, ...]:
@@ -348,6 +462,8 @@ class BaseServer:
         """
         old = self._sockserve_state
         old.close_wake()  # the child's copies; the parent's stay open
+        for waiting in old.waiting.take_all():
+            waiting.request.close()  # the parent's connection: only the child's copy goes
         self._sockserve_state = ServingState(owner_pid=old.owner_pid)
 
     def call_hook(self, name: str, **kwargs: Any) -> Any:

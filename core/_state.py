@@ -17,6 +17,8 @@ import socket
 import threading
 from typing import Any
 
+from ._waiting import WaitingRoom
+
 __all__ = [
     "ServingState",
     "Poller",
@@ -87,6 +89,7 @@ class ServingState:
         "close_depth",
         "closed",
         "cut",
+        "waiting",
     )
 
     def __init__(self, owner_pid: int | None = None) -> None:
@@ -115,6 +118,8 @@ class ServingState:
         self.closed = False
         #: ids of the in-flight requests cut off: their handlers' errors are expected.
         self.cut: set[int] = set()
+        #: Accepted connections waiting in the serve loop's poller for their first byte.
+        self.waiting = WaitingRoom()
 
     @property
     def is_owner(self) -> bool:

@@ -198,7 +198,7 @@ class StrategyTests(_KitBase):
         stage.layer_denied(
             self._layered(kit_subject), recorder, tmp_path / "access.log", capfd,
             layer_options={"kit_recorder": recorder, "kit_timeout": 0.3},
-            reason="timeout", act=lambda client: None,
+            reason="timeout", act=_send_one_byte,
         )
 
 
@@ -265,6 +265,12 @@ def _send_nothing(client: socket.socket) -> None:
     """A client that connects and then says nothing (the layer must time out)."""
 
 
+def _send_one_byte(client: socket.socket) -> None:
+    """A client that sends one byte of KitLayer's two-byte greeting, then stalls: it is
+    readable, so every strategy hands it to a worker, where the layer times out."""
+    client.sendall(b"k")
+
+
 class LayerTests(_KitBase):
     """The shared scenarios for a per-connection layer (DESIGN.md section 6).
 
@@ -286,7 +292,10 @@ class LayerTests(_KitBase):
     ``expected_client`` when given); a handler stuck on the layer's connection cut off at
     the drain deadline; each client of ``failing_clients()`` denied with its reason, one
     line and no traceback. The layer must fail a silent client well within ten seconds
-    (set its timeout in ``options``: a second or less keeps the tests quick).
+    (set its timeout in ``options``: a second or less keeps the tests quick). Under
+    strategies that hand a connection over only once it is readable (``threadpool``,
+    ``prefork``), a client that sends nothing never reaches the layer (it is closed at
+    ``first_byte_timeout``): there, make ``failing_clients()`` send part of a greeting.
     """
 
     #: The layer: a ``sockserve.layers`` plugin name or the layer class.

@@ -11,6 +11,7 @@ see the ``Wrapped`` object and ``KIT_ADDRESS``.
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import attrs
@@ -24,8 +25,12 @@ __all__ = ["KIT_ADDRESS", "KitLayer", "KitLayerOptions", "Wrapped"]
 KIT_ADDRESS = ("192.0.2.1", 1234)
 #: The first byte with which a client asks KitLayer to refuse its connection.
 REFUSE = b"!"
-#: Seconds KitLayer waits for a client's first byte by default.
+#: Seconds KitLayer waits for a client's first GREETING bytes by default.
 KIT_TIMEOUT = 1.0
+#: Bytes KitLayer waits to see before the handler runs, as a TLS or PROXY layer waits for
+#: a whole greeting: a client that sends one byte and stalls times the layer out also
+#: under strategies that hand a connection over only once it is readable.
+GREETING = 2
 
 _HOW = {socket.SHUT_RD: "SHUT_RD", socket.SHUT_WR: "SHUT_WR", socket.SHUT_RDWR: "SHUT_RDWR"}
 
@@ -77,10 +82,11 @@ class KitLayerOptions:
 class KitLayer:
     """A test layer: wraps each connection in ``Wrapped`` and reports ``KIT_ADDRESS``.
 
-    In ``prepare_request`` (in the worker) it peeks at the client's first byte, waiting at
-    most ``kit_timeout`` seconds: nothing by then raises ``LayerError("timeout")``, a
-    first byte ``b"!"`` raises ``LayerError("refused")``, a client that closed at once
-    ``LayerError("closed")``. The byte stays unread for the handler. Datagram requests pass
+    In ``prepare_request`` (in the worker) it peeks at the client's first two bytes
+    (``GREETING``), waiting at most ``kit_timeout`` seconds: fewer by then raises
+    ``LayerError("timeout")``, a first byte ``b"!"`` raises ``LayerError("refused")``, a
+    client that closed at once ``LayerError("closed")``. The bytes stay unread for the
+    handler. Datagram requests pass
     unchanged (they have no connection to wrap).
 
     ``compose(transport, strategy, layers=[KitLayer], options={"kit_recorder": recorder})``.
@@ -91,7 +97,7 @@ class KitLayer:
     kit_recorder: Recorder | None
 
     def prepare_request(self, request: Any, client_address: Any) -> tuple[Any, Any]:
-        """Peek at the first byte within ``kit_timeout``; return ``Wrapped`` and ``KIT_ADDRESS``.
+        """Peek at two bytes within ``kit_timeout``; return ``Wrapped`` and ``KIT_ADDRESS``.
 
         :raises sockserve.LayerError: "timeout", "refused" or "closed".
         """
@@ -99,17 +105,25 @@ class KitLayer:
         if isinstance(request, tuple):
             return request, client_address
         previous = request.gettimeout()
-        request.settimeout(self.kit_timeout)
+        deadline = time.monotonic() + self.kit_timeout
         try:
-            first = request.recv(1, socket.MSG_PEEK)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                request.settimeout(left)
+                seen = request.recv(GREETING, socket.MSG_PEEK)
+                if seen[:1] == REFUSE:
+                    raise sockserve.LayerError("refused", client_address, "the client sent '!'")
+                if not seen:
+                    raise sockserve.LayerError("closed", client_address, "the client sent nothing")
+                if len(seen) >= GREETING:
+                    break
+                time.sleep(0.01)  # one byte so far: a dripping client
         except TimeoutError:
             raise sockserve.LayerError(
-                "timeout", client_address, f"no byte within {self.kit_timeout}s"
+                "timeout", client_address, f"no {GREETING} bytes within {self.kit_timeout}s"
             ) from None
         finally:
             request.settimeout(previous)
-        if first == REFUSE:
-            raise sockserve.LayerError("refused", client_address, "the client sent '!'")
-        if not first:
-            raise sockserve.LayerError("closed", client_address, "the client sent nothing")
         return Wrapped(request, self.kit_recorder), KIT_ADDRESS
