@@ -6,14 +6,16 @@ transport of another family derives from it, as the standard module documents.
 
 from __future__ import annotations
 
+import contextvars
 import socket
 import warnings
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import attrs
 
-from ..core._errors import AddressError, BindError
-from ..core._options import count, declare_options, flag
+from ..core._errors import AddressError, BindError, SockserveError
+from ..core._errors import OptionError
+from ..core._options import count, declare_options, flag, with_options
 from ..core._plugin_types import AddressFamily, SocketType
 from ..core._registry import Registry, registry
 from ..core._server import BaseServer
@@ -21,6 +23,11 @@ from ..core._server import BaseServer
 __all__ = ["TCPServer", "STREAM"]
 
 _Socket = socket.socket
+_S = TypeVar("_S", bound="TCPServer")
+#: The socket ``from_socket`` hands to the constructor it calls (None: make one).
+_given_socket: contextvars.ContextVar[socket.socket | None] = contextvars.ContextVar(
+    "sockserve_given_socket", default=None
+)
 _getdefaulttimeout = socket.getdefaulttimeout
 
 #: The standard module's listen() backlog for the documented classes; kept for
@@ -69,6 +76,12 @@ class TCPServer(BaseServer):
     _accept_args: tuple[Any, int, int, int] | None = None
     _address_checked = True
     _ssl_warned = False
+    #: False for a server built on a given socket (``from_socket``): the address is the
+    #: socket's maker's, and closing the server removes nothing (no Unix socket file).
+    owns_address = True
+    #: The given socket was listening already: server_activate does not listen again
+    #: (that would replace the backlog its maker chose, systemd's ``Backlog=``).
+    _listening = False
 
     def __init__(
         self, server_address: Any, RequestHandlerClass: Any, bind_and_activate: bool = True
@@ -93,10 +106,19 @@ class TCPServer(BaseServer):
         BaseServer.__init__(self, server_address, RequestHandlerClass)
         self._family = family
         self._address_checked = checked
-        self.socket = socket.socket(self.address_family, self.socket_type)
+        given = _given_socket.get()
+        if given is None:
+            self.socket = socket.socket(self.address_family, self.socket_type)
+        else:  # from_socket: serve that socket, bound by whoever made it
+            _given_socket.set(None)  # for this server only
+            self.socket = given
+            self.owns_address = False
+            if self.socket_type == socket.SOCK_STREAM:
+                self._listening = bool(given.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
         if bind_and_activate:
             try:
-                self.server_bind()
+                if given is None:
+                    self.server_bind()
                 self.server_activate()
             except BaseException:
                 self.server_close()
@@ -127,9 +149,57 @@ class TCPServer(BaseServer):
         self.server_address = family.bound_address(self)
 
     def server_activate(self) -> None:
-        """Listen with a backlog of ``request_queue_size``."""
-        self.socket.listen(self.request_queue_size)
+        """Listen with a backlog of ``request_queue_size`` (a given socket that listens
+        already keeps its own)."""
+        if not self._listening:
+            self.socket.listen(self.request_queue_size)
         self.call_hook("server_activate")
+
+    @classmethod
+    def from_socket(cls: type[_S], sock: socket.socket, RequestHandlerClass: Any, **options: Any) -> _S:
+        """Return a server of this class serving *sock*, a socket bound elsewhere.
+
+        For socket activation (``sockserve.transports._systemd.adopt``, systemd's
+        ``LISTEN_FDS``) and sockets made by hand: the socket's family and type must be the
+        ones this class serves; ``server_address`` is what ``getsockname()`` says; nothing
+        is bound; a stream socket is made to listen only if it does not listen already;
+        the server does not own the address (``owns_address`` is False: a Unix socket
+        file is never removed at close). From here on the server owns *sock*:
+        ``server_close()`` closes it, also when the construction fails.
+
+        :param options: option values, as ``sockserve.with_options`` takes them.
+        :raises SocketMismatchError: *sock* is of another family or type; the message
+            names both (*sock* is left as it was).
+        :raises OptionError: an option cannot apply to a given socket (prefork's
+            ``reuse_port`` binds sockets of its own).
+        """
+        from ._systemd import SocketMismatchError, describe_socket, transport_for
+
+        if not isinstance(sock, socket.socket):
+            raise TypeError(f"from_socket() needs a socket.socket, not {type(sock).__name__}")
+        klass: type[_S] = cast("type[_S]", with_options(cls, options)) if options else cls
+        have = (int(sock.family), int(sock.type))
+        want = (int(klass.address_family), int(klass.socket_type))
+        if have != want:
+            try:
+                hint = f" (transport {transport_for(sock, klass.sockserve_registry)})"
+            except SockserveError:
+                hint = ""
+            raise SocketMismatchError(
+                f"this socket is {describe_socket(*have)}{hint} but {klass.__name__} serves "
+                f"{describe_socket(*want)}", have[0], have[1], klass,
+            )
+        if getattr(klass, "reuse_port", False):
+            raise OptionError("reuse_port", True, "a server on a given socket cannot bind "
+                              "SO_REUSEPORT sockets of its own; turn reuse_port off")
+        token = _given_socket.set(sock)
+        try:
+            return klass(sock.getsockname(), RequestHandlerClass)
+        except BaseException:
+            sock.close()  # the server's now; closed already if the server had it
+            raise
+        finally:
+            _given_socket.reset(token)
 
     def server_close(self) -> None:
         """Close the listening socket (and remove a Unix socket file we created)."""
