@@ -13,8 +13,7 @@ from typing import Any, TypeVar, cast
 
 import attrs
 
-from ..core._errors import AddressError, BindError, SockserveError
-from ..core._errors import OptionError
+from ..core._errors import AddressError, BindError, OptionError, SockserveError
 from ..core._options import count, declare_options, flag, with_options
 from ..core._plugin_types import AddressFamily, SocketType
 from ..core._registry import Registry, registry
