@@ -418,15 +418,22 @@ class Activator:
         return "\n".join(self.lines)
 
 
+def passed_environment() -> list[str]:
+    """-E flags for what the child needs of ours (systemd-socket-activate passes only those)."""
+    return [arg for key in ("PYTHONPATH",) if key in os.environ for arg in ("-E", f"{key}={os.environ[key]}")]
+
+
 @contextlib.contextmanager
-def activated(activate_args: list[str], *serve_args: str, ports: int = 1,
-              kind: int = socket.SOCK_STREAM) -> Iterator[tuple[Activator, list[int]]]:
-    """Start systemd-socket-activate on free loopback ports, torn down by pid."""
+def activated(activate_args: list[str], *serve_args: str, ports: int = 1, kind: int = socket.SOCK_STREAM,
+              command: list[str] | None = None) -> Iterator[tuple[Activator, list[int]]]:
+    """Start systemd-socket-activate on free loopback ports running activation_child.py
+    serve SERVE_ARGS (or *command*), torn down by pid."""
+    command = command or [sys.executable, CHILD, "serve", *serve_args]
     for _ in range(5):  # a free port may be taken between probing and listening
         chosen = [free_port(kind) for _ in range(ports)]
         listen = [arg for port in chosen for arg in ("-l", f"127.0.0.1:{port}")]
         proc = subprocess.Popen(
-            ["systemd-socket-activate", *listen, *activate_args, sys.executable, CHILD, "serve", *serve_args],
+            ["systemd-socket-activate", *listen, *passed_environment(), *activate_args, *command],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             start_new_session=True,
         )
@@ -538,48 +545,143 @@ def test_socket_activate_type_mismatch_is_a_clear_error_exit_2():
 
 # ----------------------------------------------------------------- sockserve serve (the lead wires it)
 
+NEEDS_CLI = pytest.mark.skip(reason="needs CLI wiring")
 
+
+def sockserve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sockserve", "serve", *args]
+
+
+def activated_cli(activate_args: list[str], *serve_args: str, kind: int = socket.SOCK_STREAM,
+                  ports: int = 1) -> contextlib.AbstractContextManager[tuple[Activator, list[int]]]:
+    """systemd-socket-activate starting ``sockserve serve ...``, torn down by pid."""
+    return activated(activate_args, ports=ports, kind=kind, command=sockserve_command(*serve_args))
+
+
+def ask_line(port: int, line: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        client.sendall(line)
+        return client.makefile("rb").readline()
+
+
+@NEEDS_CLI
 @requires_socket_activate
-@pytest.mark.skip(reason="needs CLI wiring")
-def test_sockserve_serve_systemd_under_socket_activate(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", sys.executable, "-m", "sockserve",
-         "serve", "systemd"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        time.sleep(0.5)
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
-            client.sendall(b"hello\n")
-            assert client.recv(100) == b"HELLO\n"
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-        assert proc.stderr is not None
-        proc.stderr.close()
+def test_cli_serves_the_first_queued_connection_on_the_socket_systemd_passed():
+    with activated_cli([], "systemd") as (activator, (port,)):
+        assert ask_line(port, b"hello\n") == b"HELLO\n"
+        line = activator.wait_for("serving on")
+        assert f"ThreadingTCPServer serving on 127.0.0.1:{port}" in line
+        os.kill(activator.proc.pid, signal.SIGTERM)
+        assert activator.proc.wait(15) == 0
 
 
+@NEEDS_CLI
 @requires_socket_activate
-@pytest.mark.skip(reason="needs CLI wiring")
-def test_sockserve_serve_systemd_type_mismatch_exits_2():
-    port = free_port(socket.SOCK_DGRAM)
-    proc = subprocess.Popen(
-        ["systemd-socket-activate", "--datagram", "-l", f"127.0.0.1:{port}", sys.executable, "-m",
-         "sockserve", "serve", "systemd", "--transport", "tcp"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        time.sleep(0.5)
+@requires_fork
+def test_cli_prefork_on_a_passed_socket():
+    with activated_cli([], "systemd", "-c", "prefork", "-o", "workers=2") as (activator, (port,)):
+        assert [ask_line(port, b"w%d\n" % i) for i in range(4)] == [b"W%d\n" % i for i in range(4)]
+        assert "PreforkTCPServer serving on" in activator.wait_for("serving on")
+
+
+@NEEDS_CLI
+@requires_socket_activate
+def test_cli_fdname_selects_the_socket_and_datagram_picks_udp():
+    with activated_cli(["--fdname=web:admin"], "systemd:admin", ports=2) as (activator, (web, admin)):
+        assert ask_line(admin, b"admin\n") == b"ADMIN\n"
+        assert f"serving on 127.0.0.1:{admin}" in activator.wait_for("serving on")
+    with activated_cli(["--datagram"], "systemd", kind=socket.SOCK_DGRAM) as (activator, (port,)):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(20)
+            client.sendto(b"dgram\n", ("127.0.0.1", port))
+            assert client.recv(100) == b"DGRAM\n"
+        assert "ThreadingUDPServer serving on" in activator.wait_for("serving on")
+
+
+@NEEDS_CLI
+@requires_socket_activate
+def test_cli_type_mismatch_exits_2_naming_both():
+    with activated_cli(["--datagram"], "systemd", "--transport", "tcp", kind=socket.SOCK_DGRAM) as (activator, (port,)):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
             client.sendto(b"x", ("127.0.0.1", port))
-            assert proc.wait(30) == 2
-        assert proc.stderr is not None
-        assert ("sockserve: error: this socket is AF_INET/SOCK_DGRAM (transport udp) but "
-                "ThreadingTCPServer serves AF_INET/SOCK_STREAM") in proc.stderr.read()
+            assert activator.proc.wait(30) == 2
+        assert activator.wait_for("sockserve: error:") == (
+            "sockserve: error: this socket is AF_INET/SOCK_DGRAM (transport udp) but "
+            "ThreadingTCPServer serves AF_INET/SOCK_STREAM")
+
+
+@NEEDS_CLI
+@requires_socket_activate
+def test_cli_notifies_ready_watchdog_and_stopping(tmp_path):
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify"))
+    receiver.settimeout(0.2)
+    messages: list[str] = []
+
+    def drain(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                messages.append(receiver.recv(4096).decode())
+            except TimeoutError:
+                pass
+
+    try:
+        env = ["-E", f"NOTIFY_SOCKET={tmp_path / 'notify'}", "-E", "WATCHDOG_USEC=1200000"]
+        with activated_cli(env, "systemd") as (activator, (port,)):
+            assert ask_line(port, b"hi\n") == b"HI\n"
+            drain(2.0)  # the loop turns every 0.5 s: a ping every 0.6 s asked for
+            assert f"READY=1\nSTATUS=serving on 127.0.0.1:{port}" in messages
+            assert messages.count("WATCHDOG=1") >= 2
+            os.kill(activator.proc.pid, signal.SIGTERM)
+            assert activator.proc.wait(15) == 0
+        drain(0.3)
+        assert any(m.startswith("STOPPING=1") for m in messages), messages
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        receiver.close()
+
+
+def cli(*args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+    return subprocess.run(sockserve_command(*args), capture_output=True, text=True, timeout=30,
+                          env=env, pass_fds=pass_fds, stdin=subprocess.DEVNULL)
+
+
+@NEEDS_CLI
+def test_cli_bad_activation_addresses_exit_2_with_a_clear_error():
+    read, write = os.pipe()
+    try:
+        proc = cli(f"fd://{read}", pass_fds=(read,))
+    finally:
+        os.close(read)
+        os.close(write)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"sockserve: error: fd://{read}: descriptor {read} is not a socket "
+                                   "(it is a pipe or FIFO)")
+    fd = closed_fd()
+    proc = cli(f"fd://{fd}")
+    assert (proc.returncode, proc.stderr.strip()) == (
+        2, f"sockserve: error: fd://{fd}: descriptor {fd} is not open (Bad file descriptor)")
+    proc = cli("systemd")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("sockserve: error: systemd: no sockets were passed to this process "
+                                  "(LISTEN_PID is not set)")
+
+
+@NEEDS_CLI
+def test_cli_serves_fd_n():
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    proc = subprocess.Popen(sockserve_command(f"fd://{listening.fileno()}"), pass_fds=(listening.fileno(),),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    listening.close()
+    try:
+        assert proc.stderr is not None
+        assert f"serving on 127.0.0.1:{port}".encode() in proc.stderr.readline()
+        assert ask_line(port, b"fd\n") == b"FD\n"
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(15)
         assert proc.stderr is not None
         proc.stderr.close()
