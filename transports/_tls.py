@@ -11,6 +11,10 @@ handshaken there within ``handshake_timeout`` seconds in all, however slowly the
 sends. The handler's ``self.request`` is a ``TLSSocket`` (an ``ssl.SSLSocket``):
 ``getpeercert()``, ``selected_alpn_protocol()``, ``version()`` work, and ``sni`` holds
 the server name the client asked for (None when it sent none).
+
+One module of more than 400 lines: the options, the contexts they build and the handshake
+that uses them are one feature, read together; ``tls_options_from_flags`` is the command
+line's view of the same options.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ from ..core._options import (
     flag,
     option,
     option_check,
+    positive,
     python_object,
     requires,
-    seconds,
     text,
 )
 
@@ -171,9 +175,13 @@ class TLSOptions:
     sni: str | dict[str, Any] | None = option(_check_sni, default=None)
     #: Lowest TLS version accepted: 1.2 or 1.3.
     min_version: str = choice("1.2", "1.3", default="1.2")
-    #: Seconds the whole handshake may take, from the first byte on.
-    handshake_timeout: float = seconds(optional=False, default=HANDSHAKE_TIMEOUT)
-    #: A ready SSLContext instead of the files (Python only; ``reload()`` keeps it).
+    #: Seconds the whole handshake may take, waiting for the first byte included (> 0).
+    handshake_timeout: float = option(
+        attrs.validators.and_(attrs.validators.instance_of((int, float)), positive),
+        default=HANDSHAKE_TIMEOUT)
+    #: A ready server-side SSLContext instead of the files (Python only). The layer sets
+    #: its ``sslsocket_class`` and ``sni_callback`` (calling the one it had after its own);
+    #: ``reload()`` keeps it as it is.
     ssl_context: ssl.SSLContext | None = python_object(ssl.SSLContext)
 
     sockserve_checks = (
@@ -356,6 +364,9 @@ class TLSLayer(_ServerClass):
         """
         if self.ssl_context is not None:
             context = self.ssl_context
+            if context.protocol == ssl.PROTOCOL_TLS_CLIENT:
+                raise OptionError("ssl_context", context, "a client-side context (PROTOCOL_TLS_CLIENT); "
+                                  "the server needs PROTOCOL_TLS_SERVER")
             context.sslsocket_class = TLSSocket
             chained = context.sni_callback  # the user's own, kept and called after ours
             context.sni_callback = _record_sni({}, getattr(chained, "chained", chained))

@@ -218,6 +218,17 @@ class TestTLSLayerKitUnix(TestTLSLayerKit):
     strategies = ("threading",)
 
 
+class TestTLSLayerKitPools(TestTLSLayerKit):
+    """threadpool and prefork hand a connection to a worker only once it is readable, so a
+    silent client never reaches the layer (the strategy closes it at first_byte_timeout);
+    the layer's timeout is met by a client that starts its ClientHello and stalls."""
+
+    strategies = ("threadpool", "prefork")  # the kit skips prefork without fork
+
+    def failing_clients(self) -> dict[str, Callable[[socket.socket], object]]:
+        return {**super().failing_clients(), "tls-timeout": lambda sock: sock.sendall(client_hello()[:10])}
+
+
 # --------------------------------------------------------------------------- real peers
 
 
@@ -387,6 +398,31 @@ def test_reload_swaps_the_certificate_for_new_connections_and_keeps_it_on_bad_fi
         server.reload()
         with tls_connect(server.server_address) as later:
             assert presented(later) == der(c.server_new)
+
+
+@requires_fork
+@pytest.mark.xfail(strict=True, reason="prefork: reload() runs in the parent; its workers are forked "
+                   "copies and keep the contexts they were forked with (needs concurrency/_prefork.py "
+                   "to replace its workers, or forward the reload, after a reload)")
+def test_reload_reaches_the_workers_of_prefork(tmp_path):
+    c = certs()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(c.server, cert)
+    shutil.copy(c.server_key, key)
+    cls = sockserve.compose("tcp", "prefork", layers=[TLSLayer],
+                            options={"certfile": str(cert), "keyfile": str(key), "workers": 2})
+    with serving(cls(LOOPBACK, Report)) as server:
+        with tls_connect(server.server_address) as tls:
+            assert presented(tls) == der(c.server)
+        shutil.copy(c.server_new, cert)
+        shutil.copy(c.server_new_key, key)
+        server.reload()
+
+        def swapped() -> bool:
+            with tls_connect(server.server_address) as tls:
+                return presented(tls) == der(c.server_new)
+
+        assert wait_until(swapped, timeout=3, interval=0.1)
 
 
 def test_twenty_silent_clients_do_not_delay_a_real_client_under_threading():
@@ -625,6 +661,12 @@ def test_option_checks_across_fields():
         sockserve.with_options(base, {"min_version": "1.1"})
     with pytest.raises(sockserve.OptionError, match="sni"):
         sockserve.with_options(base, {"certfile": str(c.server), "sni": "no-equals-sign"})
+    for bad in (0, -1, "1"):
+        with pytest.raises(sockserve.OptionError, match="handshake_timeout"):
+            sockserve.with_options(base, {"handshake_timeout": bad})
+    client_side = sockserve.with_options(base, {"ssl_context": ssl.create_default_context()})
+    with pytest.raises(sockserve.OptionError, match="client-side context"):
+        client_side(LOOPBACK, Report)
     assert TLSLayer.handshake_timeout == HANDSHAKE_TIMEOUT == 10.0
     assert TLSLayer.min_version == "1.2" and TLSLayer.verify_client == "none"
 
@@ -710,3 +752,13 @@ def test_sockserve_serve_tls_cert_flags_and_sighup_reload(cli_tls_server):
             return presented(tls) == der(c.server_new)
 
     assert wait_until(swapped, timeout=10, interval=0.1)
+
+
+@pytest.mark.skip(reason="needs CLI wiring: --tls-cert/--tls-key in core/_cli.py and the tls entry point")
+def test_sockserve_serve_tls_key_without_tls_cert_exits_2(tmp_path):
+    from support import clean_env
+
+    got = subprocess.run([sys.executable, "-m", "sockserve", "serve", "127.0.0.1:0", "--tls-key", "k.pem"],
+                         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert got.returncode == 2
+    assert "sockserve: error: bad value 'k.pem' for option 'keyfile': --tls-key needs --tls-cert" in got.stderr
