@@ -112,13 +112,15 @@ def describe(client_address: Any) -> dict[str, Any]:
 
 
 class ReportHandler(socketserver.BaseRequestHandler):
-    """Reads the payload to EOF (or a newline), replies one JSON line: the client, the
-    header, the payload in hex."""
+    """Reads the payload to EOF (or to a newline when ``line`` is set), replies one JSON
+    line: the client, the header, the payload in hex."""
+
+    line = False
 
     def handle(self) -> None:
         self.request.settimeout(10)
         data = b""
-        while not data.endswith(b"\n"):
+        while not (self.line and data.endswith(b"\n")):
             chunk = self.request.recv(65536)
             if not chunk:
                 break
@@ -161,13 +163,19 @@ def client(server: Any, timeout: float = 10.0) -> socket.socket:
 
 
 def ask(server: Any, *pieces: bytes, pause: float = 0.0) -> dict[str, Any] | None:
-    """Send *pieces* (with *pause* between them) and a newline; the JSON reply or None."""
+    """Send *pieces* (with *pause* between them), end the sending side; the JSON reply,
+    or None when the server closed the connection without one."""
     with client(server) as sock:
+        if sock.family != getattr(socket, "AF_UNIX", None):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i, piece in enumerate(pieces):
             if i and pause:
                 time.sleep(pause)
             sock.sendall(piece)
-        sock.sendall(b"\n")
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
         try:
             reply = support.read_to_eof(sock)
         except ConnectionResetError:
@@ -211,6 +219,8 @@ def haproxy(tmp_path: Path, config: str, ready: list[tuple[Any, int]]) -> Iterat
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
+        if proc.poll() is not None:
+            raise AssertionError(f"haproxy exited {proc.returncode}: {(tmp_path / 'haproxy.log').read_text()}")
         yield proc
     finally:
         if proc.poll() is None:
