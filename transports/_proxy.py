@@ -229,6 +229,13 @@ def _allowed(host: str, networks: tuple[Network, ...]) -> bool:
     return any(c in net for c in candidates for net in networks if c.version == net.version)
 
 
+@functools.lru_cache(maxsize=1024)
+def _allowed_cached(host: str, allow: str | tuple[str, ...]) -> bool:
+    """``_allowed`` remembered per (host, allow): a server sees few proxies, and parsing
+    an address costs more than the rest of the check."""
+    return _allowed(host, _parse_allow(allow))
+
+
 # ------------------------------------------------------------------------------ the layer
 
 
@@ -254,7 +261,8 @@ class ProxyLayer:
         host = _host(client_address)
         if host is None:
             return True  # a Unix-socket peer: no IP to check
-        if not _allowed(host, parse_allow(self.allow)):
+        allow = self.allow
+        if not _allowed_cached(host, allow if isinstance(allow, str) else tuple(allow)):
             raise self._proxy_refusal("proxy-not-allowed", client_address,
                                       f"{host} is not in allow={self.allow!r}")
         return True
@@ -271,8 +279,33 @@ class ProxyLayer:
     # -------------------------------------------------------------- reading
 
     def _proxy_read(self, sock: socket.socket, peer: Any) -> ProxyHeader:
-        versions = frozenset(int(v) for v in self.versions.split(","))
+        versions = _versions(self.versions)
         max_length = self.max_header_length
+        if _PEEK_NOW and sock.gettimeout() is None:  # (with a timeout, recv would wait first)
+            # The usual case: the whole header is there already (the proxy sends it at
+            # once): one peek without waiting, one read of exactly the header.
+            try:
+                chunk: bytes | None = sock.recv(FIRST_PEEK, _PEEK_NOW)
+            except BlockingIOError:
+                chunk = None
+            except (ConnectionResetError, BrokenPipeError):
+                raise self._proxy_ended(peer, b"", "reset") from None
+            if chunk == b"":
+                raise self._proxy_ended(peer, b"", "closed")
+            if chunk is not None:
+                try:
+                    result = parse(chunk, versions, max_length)
+                except ProxyHeaderError as exc:
+                    raise self._proxy_refusal(f"proxy-{exc.reason}", peer, str(exc)) from None
+                if isinstance(result, ProxyHeader):
+                    _consume(sock, len(result.raw))
+                    return result
+        return self._proxy_read_slowly(sock, peer, versions, max_length)
+
+    def _proxy_read_slowly(self, sock: socket.socket, peer: Any, versions: frozenset[int],
+                           max_length: int) -> ProxyHeader:
+        """The header in pieces: peek, consume what belongs to it, wait for more, all
+        within one deadline."""
         timeout = self.header_timeout
         deadline = time.monotonic() + timeout
         previous = sock.gettimeout()
@@ -340,6 +373,15 @@ class ProxyLayer:
                     throttle = _Throttle()
                     self.__dict__["_proxy_log_throttle"] = throttle
         return throttle
+
+
+#: recv flags peeking without waiting (0 where MSG_DONTWAIT is missing: always wait).
+_PEEK_NOW = socket.MSG_PEEK | socket.MSG_DONTWAIT if hasattr(socket, "MSG_DONTWAIT") else 0
+
+
+@functools.lru_cache(maxsize=8)
+def _versions(text: str) -> frozenset[int]:
+    return frozenset(int(v) for v in text.split(","))
 
 
 def _consume(sock: socket.socket, n: int) -> None:

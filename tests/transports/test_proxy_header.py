@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -269,9 +270,20 @@ def test_builders_agree_with_the_test_encoder() -> None:
 # ------------------------------------------------------------------------------ generated headers
 
 _ipv4 = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
+def _text6(n: int) -> str:
+    """IPv6 address *n* in hexadecimal groups only (the v1 grammar has no dotted form)."""
+    address = ipaddress.IPv6Address(n)
+    return address.compressed if "." not in address.compressed else address.exploded
+
+
+def _canon6(text: str) -> str:
+    """What the parser reports: the address as the socket module shows a peer's."""
+    return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text))
+
+
 _ipv6 = st.one_of(st.integers(0, 2**128 - 1), st.integers(0, 2**16 - 1),
-                  st.integers(0, 2**16 - 1).map(lambda n: n << 112)
-                  ).map(lambda n: str(ipaddress.IPv6Address(n)))
+                  st.integers(0, 2**16 - 1).map(lambda n: n << 112),
+                  st.integers(0, 2**32 - 1).map(lambda n: 0xFFFF << 32 | n)).map(_text6)
 _port = st.integers(0, 65535)
 
 
@@ -291,7 +303,7 @@ def v1_headers(draw: st.DrawFn) -> tuple[bytes, tuple]:
     line = f"PROXY {kind} {s_text} {d} {sp} {dp}\r\n".encode()
     if kind == "TCP4":
         return line, (1, "PROXY", "INET", "STREAM", (s, sp), (d, dp), ())
-    return line, (1, "PROXY", "INET6", "STREAM", (s, sp, 0, 0), (d, dp, 0, 0), ())
+    return line, (1, "PROXY", "INET6", "STREAM", (_canon6(s), sp, 0, 0), (_canon6(d), dp, 0, 0), ())
 
 
 def _groups(address: str) -> list[int]:
@@ -334,7 +346,7 @@ def v2_headers(draw: st.DrawFn) -> tuple[bytes, tuple]:
         body, src, dst = ps.inet4(s, d, sp, dp), (s, sp), (d, dp)
     elif fam >> 4 == 2:
         s, d, sp, dp = draw(_ipv6), draw(_ipv6), draw(_port), draw(_port)
-        body, src, dst = ps.inet6(s, d, sp, dp), (s, sp, 0, 0), (d, dp, 0, 0)
+        body, src, dst = ps.inet6(s, d, sp, dp), (_canon6(s), sp, 0, 0), (_canon6(d), dp, 0, 0)
     elif fam >> 4 == 3:
         path = st.binary(min_size=1, max_size=107).map(lambda b: b.replace(b"\0", b"0"))
         s_b, d_b = draw(path), draw(path)
@@ -371,11 +383,11 @@ def random_header(rng: random.Random) -> tuple[bytes, tuple]:
             s, d = (str(ipaddress.IPv4Address(rng.getrandbits(32))) for _ in "sd")
             line = f"PROXY TCP4 {s} {d} {sp} {dp}\r\n".encode()
             return line, (1, "PROXY", "INET", "STREAM", (s, sp), (d, dp), ())
-        s, d = (str(ipaddress.IPv6Address(rng.getrandbits(rng.choice([8, 16, 64, 128])) << rng.choice([0, 64])
-                                          & (2**128 - 1))) for _ in "sd")
+        s, d = (_text6(rng.getrandbits(rng.choice([8, 16, 64, 128])) << rng.choice([0, 64])
+                       & (2**128 - 1)) for _ in "sd")
         s_text = ":".join(f"{g:04X}" for g in _groups(s)) if rng.random() < 0.3 else s
         line = f"PROXY TCP6 {s_text} {d} {sp} {dp}\r\n".encode()
-        return line, (1, "PROXY", "INET6", "STREAM", (s, sp, 0, 0), (d, dp, 0, 0), ())
+        return line, (1, "PROXY", "INET6", "STREAM", (_canon6(s), sp, 0, 0), (_canon6(d), dp, 0, 0), ())
     command = rng.choice([0, 1])
     fam = rng.choice([0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32])
     if fam >> 4 in (1, 2):
@@ -384,8 +396,8 @@ def random_header(rng: random.Random) -> tuple[bytes, tuple]:
         s, d = (str(kind(rng.getrandbits(bits))) for _ in "sd")
         sp, dp = rng.randrange(65536), rng.randrange(65536)
         body = (ps.inet4 if bits == 32 else ps.inet6)(s, d, sp, dp)
-        src: Any = (s, sp) if bits == 32 else (s, sp, 0, 0)
-        dst: Any = (d, dp) if bits == 32 else (d, dp, 0, 0)
+        src: Any = (s, sp) if bits == 32 else (_canon6(s), sp, 0, 0)
+        dst: Any = (d, dp) if bits == 32 else (_canon6(d), dp, 0, 0)
     elif fam >> 4 == 3:
         s_b, d_b = (rng.randbytes(rng.randrange(1, 108)).replace(b"\0", b"0") for _ in "sd")
         body, src, dst = ps.unix(s_b, d_b), os.fsdecode(s_b), os.fsdecode(d_b)
