@@ -86,6 +86,7 @@ class ForkingMixIn(_ServerClass):
                 self.active_children = set()
             self.active_children.add(pid)
             self.close_request(request)
+            self.request_moved(request)  # it runs in the child (max_connections)
             if len(self.active_children) >= self.max_children:
                 self._pause_for(pid)
             return

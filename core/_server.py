@@ -31,7 +31,8 @@ import attrs
 
 from ._errors import DatagramTruncatedError, LayerError
 from ._hooks import HookRelay, call_hook, relay_for
-from ._options import check_options, declare_options, seconds, settle_options
+from ._limits import Limits, client_host
+from ._options import check_options, count, declare_options, seconds, settle_options
 from ._state import (
     ACCEPT_BACKOFF_MAX,
     ACCEPT_BACKOFF_MIN,
@@ -59,6 +60,8 @@ LISTEN_BACKLOG = socket.SOMAXCONN
 #: first_byte_timeout of the strategies that wait for readability (threadpool, prefork):
 #: long enough for a slow network, short enough that silent clients do not pile up.
 FIRST_BYTE_TIMEOUT = 10.0
+#: The options that make run_request count and time requests (None: off).
+LIMITS = ("idle_timeout", "request_timeout", "max_connections", "max_connections_per_ip")
 #: recv() flags of when_readable's look at a new connection: peek, never wait.
 _PEEK_NOW = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
@@ -84,6 +87,20 @@ class ServerOptions:
     #: over only once readable (``when_readable``: threadpool and prefork, which set 10).
     #: None waits as long as the client takes, holding a descriptor, not a thread.
     first_byte_timeout: float | None = seconds(default=None)
+    #: Seconds each read of a connection may wait (the socket timeout, the standard
+    #: ``StreamRequestHandler.timeout`` semantics); a read that times out ends the
+    #: request in one log line (``requests_timed_out["idle"]``). None: no limit.
+    idle_timeout: float | None = seconds(default=None)
+    #: Seconds a request's handler may run; then its connection is shut down so that a
+    #: blocked read returns (``requests_timed_out["request"]``). None: no limit.
+    request_timeout: float | None = seconds(default=None)
+    #: Stream connections this process holds at most (waiting, queued and running): at
+    #: the limit it pauses accepting and the listen backlog holds the rest; none is
+    #: refused. None: no limit. Under forking, max_children is the limit.
+    max_connections: int | None = count(1, optional=True, default=None)
+    #: Connections running at once from one client host (the PROXY-protocol client when
+    #: that layer is on), in this process; more are denied (``per-ip``). None: no limit.
+    max_connections_per_ip: int | None = count(1, optional=True, default=None)
 
 
 def _closing(close: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -112,6 +129,8 @@ def _closing(close: Callable[[Any], None]) -> Callable[[Any], None]:
             close(self)
         finally:
             state.close_depth = depth
+            if depth == 0 and state.limits is not None:
+                state.limits.deadlines.stop()  # after the drain, which may need it
             if outer:
                 self.call_hook("server_closed")
 
@@ -146,6 +165,10 @@ class BaseServer:
     timeout: float | None
     drain_timeout: float | None
     first_byte_timeout: float | None
+    idle_timeout: float | None
+    request_timeout: float | None
+    max_connections: int | None
+    max_connections_per_ip: int | None
     #: Lifecycle plugins that apply to this class only (set by ``compose(plugins=...)``).
     _sockserve_plugins: tuple[object, ...] = ()
     #: prepare_request is overridden (a layer is present): run_request calls it.
@@ -179,6 +202,12 @@ class BaseServer:
         #: Requests refused after they were accepted, by reason (``verify_request``,
         #: a layer's reason such as ``timeout``, ``closing`` for those dropped unrun).
         self.requests_denied: collections.Counter[str] = collections.Counter()
+        #: Requests ended by a limit: ``idle`` (idle_timeout), ``request`` (request_timeout).
+        self.requests_timed_out: collections.Counter[str] = collections.Counter()
+        #: Times a limit was reached: ``max_connections`` (accepting paused).
+        self.limits_reached: collections.Counter[str] = collections.Counter()
+        #: A limit option is set: run_request and the accept path do their bookkeeping.
+        self._sockserve_limited = any(getattr(self, name) is not None for name in LIMITS)
         self._sockserve_hooks: HookRelay = relay_for(type(self))
         self._sockserve_state = ServingState()
 
@@ -354,19 +383,29 @@ class BaseServer:
         """``shutdown()`` was asked for and the serve loop has not stopped yet."""
         return self._sockserve_state.shutdown_request
 
-    def pause_accepting(self) -> None:
+    def pause_accepting(self, reason: str = "strategy") -> None:
         """Stop polling the listening socket; the loop keeps turning (wake-ups,
         ``service_actions``, shutdown). Connections wait in the listen backlog. Any thread.
-        """
-        self._sockserve_state.accepting = False
 
-    def resume_accepting(self) -> None:
-        """Poll the listening socket again (any thread: the loop is woken if needed)."""
+        Pauses with different *reason* words add up: accepting resumes once every one of
+        them was resumed (a full pool and ``max_connections``).
+        """
         state = self._sockserve_state
-        if not state.accepting:
+        with state.lock:
+            state.paused_by.add(reason)
+            state.accepting = False
+
+    def resume_accepting(self, reason: str = "strategy") -> None:
+        """End the pause for *reason*; poll the listening socket again when no other
+        pause holds (any thread: the loop is woken if needed)."""
+        state = self._sockserve_state
+        with state.lock:
+            state.paused_by.discard(reason)
+            if state.accepting or state.paused_by:
+                return
             state.accepting = True
-            if state.serving_thread != threading.get_ident():
-                state.wake()
+        if state.serving_thread != threading.get_ident():
+            state.wake()
 
     def when_readable(
         self, request: Any, client_address: Any, then: Callable[[Any, Any], Any]
@@ -499,6 +538,92 @@ class BaseServer:
                 )
         finally:
             self.shutdown_request(request)
+            if self._sockserve_limited:
+                self._sockserve_release(request)
+
+    def request_moved(self, request: Any) -> None:
+        """The connection now runs in another process (a forked child): it no longer
+        counts against this process's ``max_connections``. For strategies."""
+        if self._sockserve_limited:
+            self._sockserve_release(request)
+
+    # ------------------------------------------------------------------ limits
+
+    def _sockserve_limits(self) -> Limits:
+        state = self._sockserve_state
+        limits = state.limits
+        if limits is None:
+            with state.lock:
+                limits = state.limits
+                if limits is None:
+                    limits = state.limits = Limits(self)
+        return limits
+
+    def _sockserve_hold(self, request: Any) -> None:
+        """Count an accepted connection; pause accepting at ``max_connections``."""
+        if isinstance(request, tuple):
+            return
+        limits = self._sockserve_limits()
+        limits.held.add(id(request))
+        limit = self.max_connections
+        if limit is not None and len(limits.held) >= limit and not limits.paused:
+            with self._sockserve_state.lock:
+                limits.paused = True
+                self.limits_reached["max_connections"] += 1
+            if self.limits_reached["max_connections"] == 1:
+                log.warning(
+                    "%s: max_connections=%d reached; accepting paused until one ends "
+                    "(the listen backlog holds new clients; counted in limits_reached)",
+                    type(self).__name__, limit,
+                )
+            self.pause_accepting("max_connections")
+
+    def _sockserve_release(self, request: Any) -> None:
+        limits = self._sockserve_state.limits
+        if limits is None or id(request) not in limits.held:
+            return
+        limits.held.discard(id(request))
+        limit = self.max_connections
+        if limits.paused and (limit is None or len(limits.held) < limit):
+            with self._sockserve_state.lock:
+                if not limits.paused:
+                    return
+                limits.paused = False
+            self.resume_accepting("max_connections")
+
+    def _sockserve_admit(self, request: Any, client_address: Any) -> tuple[Any, int | None] | None:
+        """Per-IP limit and request deadline of a prepared request; None: it was denied."""
+        limits = self._sockserve_limits()
+        host = None
+        per_ip = self.max_connections_per_ip
+        if per_ip is not None:
+            host = client_host(client_address)
+            with self._sockserve_state.lock:
+                over = limits.by_host[host] >= per_ip
+                if not over:
+                    limits.by_host[host] += 1
+            if over:
+                self.deny_request(request, client_address, "per-ip")
+                return None
+        token = None
+        if self.request_timeout is not None:
+            token = limits.deadlines.add(request, self.request_timeout)
+        return host, token
+
+    def _sockserve_end(self, raw: Any, admitted: tuple[Any, int | None] | None) -> None:
+        limits = self._sockserve_state.limits
+        if limits is None:
+            return
+        if admitted is not None:
+            host, token = admitted
+            if token is not None:
+                limits.deadlines.remove(token)
+            if host is not None:
+                with self._sockserve_state.lock:
+                    limits.by_host[host] -= 1
+                    if limits.by_host[host] <= 0:
+                        del limits.by_host[host]
+        self._sockserve_release(raw)
 
     # ------------------------------------------------------------------ one request
 
@@ -560,6 +685,8 @@ class BaseServer:
             else:
                 self.deny_request(request, client_address, "verify_request")
             return
+        if self._sockserve_limited and self.max_connections is not None:
+            self._sockserve_hold(request)
         state.sync_ran = False
         try:
             self.process_request(request, client_address)
@@ -653,7 +780,11 @@ class BaseServer:
         in_flight = self._sockserve_state.in_flight
         raw = request
         in_flight[id(raw)] = raw
+        limited = self._sockserve_limited and not isinstance(raw, tuple)
+        admitted = None
         try:
+            if limited and self.idle_timeout is not None:
+                raw.settimeout(self.idle_timeout)  # the layers restore it after their reads
             if self._sockserve_layered:
                 prepared = self._sockserve_prepare(raw, client_address)
                 if prepared is None:
@@ -662,6 +793,10 @@ class BaseServer:
                 if request is not raw:
                     del in_flight[id(raw)]
                     in_flight[id(request)] = request
+            if limited:
+                admitted = self._sockserve_admit(request, client_address)
+                if admitted is None:
+                    return False
             if hooks.request_prepared is not None:
                 verdict = call_hook(
                     self, hooks.request_prepared, request=request, client_address=client_address
@@ -676,6 +811,8 @@ class BaseServer:
                 in_flight.pop(id(raw), None)
             if self._sockserve_state.cut:
                 self._sockserve_state.cut.discard(id(request))
+            if limited:
+                self._sockserve_end(raw, admitted)
 
     def _sockserve_prepare(self, raw: Any, client_address: Any) -> tuple[Any, Any] | None:
         """Run the layers; on failure deny the request and return None."""
@@ -748,6 +885,12 @@ class BaseServer:
         cut = self._sockserve_state.cut
         if cut and id(request) in cut:
             log.info("%s: request from %s cut off: %s", type(self).__name__, client_address, sys.exc_info()[1])
+            return
+        if self.idle_timeout is not None and isinstance(sys.exc_info()[1], TimeoutError):
+            with self._sockserve_state.lock:
+                self.requests_timed_out["idle"] += 1
+            log.info("%s: request from %s: no data for idle_timeout=%ss; closed",
+                     type(self).__name__, client_address, self.idle_timeout)
             return
         hook = self._sockserve_hooks.handle_error
         if hook is not None:

@@ -81,6 +81,7 @@ class ServingState:
         "wake_r",
         "wake_w",
         "accepting",
+        "paused_by",
         "accept_failures",
         "backoff",
         "in_flight",
@@ -90,6 +91,7 @@ class ServingState:
         "closed",
         "cut",
         "waiting",
+        "limits",
     )
 
     def __init__(self, owner_pid: int | None = None) -> None:
@@ -107,6 +109,8 @@ class ServingState:
         self.wake_w: socket.socket | None = None
         #: The serve loop polls the listening socket (pause_accepting clears it).
         self.accepting = True
+        #: Why accepting is paused (pause_accepting's reasons); empty: it is not.
+        self.paused_by: set[str] = set()
         self.accept_failures = 0
         self.backoff = 0.0
         #: id(request) -> request, for the requests running now in this process.
@@ -120,6 +124,8 @@ class ServingState:
         self.cut: set[int] = set()
         #: Accepted connections waiting in the serve loop's poller for their first byte.
         self.waiting = WaitingRoom()
+        #: max_connections / per-IP counts and the request_timeout watcher, once needed.
+        self.limits: Any = None
 
     @property
     def is_owner(self) -> bool:

@@ -21,7 +21,8 @@ from support import EchoUpper, exchange, no_leaks, serving
 #: The options every stream server has (BaseServer's and the stream socket type's).
 STREAM_OPTIONS = [
     "allow_reuse_address", "allow_reuse_port", "drain_timeout", "first_byte_timeout",
-    "ipv6_only", "request_queue_size", "timeout",
+    "idle_timeout", "ipv6_only", "max_connections", "max_connections_per_ip",
+    "request_queue_size", "request_timeout", "timeout",
 ]
 
 
