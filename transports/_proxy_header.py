@@ -430,9 +430,17 @@ def _ntop6(packed: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, packed)
 
 
+#: PROXY, TCP over IPv4, 12 address bytes and no TLV: the usual v2 header (28 bytes).
+_V2_TCP4 = SIGNATURE + b"\x21\x11\x00\x0c"
+
+
 def _parse_v2(data: bytes, max_length: int) -> ProxyHeader | NeedMore:
     if len(data) < V2_FIXED:
         return NeedMore(max_length - len(data))
+    if data.startswith(_V2_TCP4) and len(data) >= 28 and max_length >= 28:  # the slow path agrees
+        s, d, sp, dp = struct.unpack_from("!4s4sHH", data, V2_FIXED)
+        return ProxyHeader(2, "PROXY", "INET", "STREAM", (socket.inet_ntop(socket.AF_INET, s), sp),
+                           (socket.inet_ntop(socket.AF_INET, d), dp), (), bytes(data[:28]))
     ver_cmd, fam = data[12], data[13]
     if ver_cmd >> 4 != 2:
         raise ProxyHeaderError("version", f"v2: binary version {ver_cmd >> 4}, not 2")

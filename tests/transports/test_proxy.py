@@ -697,3 +697,40 @@ def test_haproxy_send_proxy_v2_ssl_into_proxy_and_tls_layers(
         if strategy != "prefork":
             assert sum(server.requests_denied.values()) == 0, server.requests_denied
     _assert_quiet(caplog, capfd)
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+def _proxy_registered() -> bool:
+    try:
+        return sockserve.registry.load("layer", "proxy") is ProxyLayer
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _proxy_registered(), reason=(
+    "needs CLI wiring: the 'proxy' entry point in sockserve.layers "
+    "(proxy = \"sockserve.transports._proxy:ProxyLayer\")"))
+def test_sockserve_serve_layer_proxy_with_options_from_the_command_line(tmp_path: Path) -> None:
+    import re
+    import signal
+
+    args = ("serve", "127.0.0.1:0", "--layer", "proxy", "--option", "allow=127.0.0.0/8, ::1/128",
+            "--option", "header_timeout=1", "--option", "versions=1,2")
+    with support.sockserve_process(*args, cwd=tmp_path, env=support.clean_env(), timeout=30) as proc:
+        banner = support.read_banner(proc, 30).decode(errors="replace")
+        match = re.search(r"serving on (\S+):(\d+) ", banner)
+        assert match, banner
+        address = (match.group(1), int(match.group(2)))
+        assert support.ask_stream(address, V1 + b"hello\n") == b"HELLO\n"  # the header consumed
+        assert support.ask_stream(address, V2 + b"again\n") == b"AGAIN\n"
+        try:
+            refused = support.ask_stream(address, b"hello\n")
+        except ConnectionResetError:
+            refused = b""
+        assert refused == b""
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    text = err.decode(errors="replace")
+    assert "refused" in text and "proxy-header" in text and "Traceback" not in text
