@@ -482,7 +482,7 @@ def test_haproxy_send_proxy_v1_and_v2_over_tcp4_tcp6_and_unix(
         config = _haproxy_config(frontends, sport, check="")
         with ps.haproxy(tmp_path, config, []):
             for address, family in ready:
-                _wait_listening(address, family)
+                _connect_when_listening(address, family).close()
             CheckHandler.seen = []
             results = {}
             for (name, _, _), (address, family) in zip(frontends, ready):
@@ -529,18 +529,24 @@ def _haproxy_config(frontends: list[tuple[str, str, str]], sport: int, check: st
     return "\n".join(lines) + "\n"
 
 
-def _wait_listening(address: Any, family: int) -> None:
+def _connect_when_listening(address: Any, family: int = socket.AF_INET) -> socket.socket:
+    """A connection to *address*, retried while refused (the listener is not up yet); a
+    request is sent on it, so that nothing reaches the backend half-done."""
     deadline = time.monotonic() + 10
     while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(10)
         try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.settimeout(1)
-                probe.connect(address)
-            return
-        except OSError:
+            sock.connect(address)
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+            continue
+        sock.sendall(b"warm-up\n")
+        support.read_to_eof(sock)
+        return sock
 
 
 def _assert_quiet(caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
@@ -681,7 +687,9 @@ def test_haproxy_send_proxy_v2_ssl_into_proxy_and_tls_layers(
             "backend b", f"    server s 127.0.0.1:{server.server_address[1]} send-proxy-v2 ssl verify none "
             "sni str(app.example) alpn h2", ""])
         with ps.haproxy(tmp_path, config, []):
-            _wait_listening(("127.0.0.1", port), socket.AF_INET)
+            # No probe connection (a probe that closes at once would reach the tls layer
+            # as a connection already gone): the first request retries while refused.
+            _connect_when_listening(("127.0.0.1", port)).close()
             replies = []
             for n in range(3):
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
