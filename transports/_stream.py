@@ -170,7 +170,7 @@ class TCPServer(BaseServer):
         :raises SocketMismatchError: *sock* is of another family or type; the message
             names both (*sock* is left as it was).
         :raises OptionError: an option cannot apply to a given socket (prefork's
-            ``reuse_port`` binds sockets of its own).
+            ``reuse_port`` binds sockets of its own; ``socket_mode`` is for files it binds).
         """
         from ._systemd import SocketMismatchError, describe_socket, transport_for
 
@@ -191,6 +191,10 @@ class TCPServer(BaseServer):
         if getattr(klass, "reuse_port", False):
             raise OptionError("reuse_port", True, "a server on a given socket cannot bind "
                               "SO_REUSEPORT sockets of its own; turn reuse_port off")
+        mode = getattr(klass, "socket_mode", None)
+        if mode is not None:
+            raise OptionError("socket_mode", mode, "a given socket's file keeps the mode its maker "
+                              "gave it (systemd: SocketMode= in the .socket unit)")
         token = _given_socket.set(sock)
         try:
             return klass(sock.getsockname(), RequestHandlerClass)

@@ -365,6 +365,49 @@ def test_from_socket_refuses_prefork_reuse_port():
         assert sock.fileno() != -1
 
 
+def test_from_socket_refuses_socket_mode(tmp_path):
+    from sockserve.transports._unix import UnixSocketMixIn
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "s.sock"))
+        wired = "socket_mode" in sockserve.option_fields(sockserve.UnixStreamServer)
+        cls = sockserve.compose("unix", mixins=[] if wired else [UnixSocketMixIn],
+                                options={"socket_mode": 0o600})
+        with pytest.raises(sockserve.OptionError, match="SocketMode="):
+            cls.from_socket(sock, EchoUpper)
+        assert sock.fileno() != -1
+
+
+def test_transport_for_a_socket_no_transport_serves():
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        with pytest.raises(SocketMismatchError, match=r"^no installed transport serves "
+                           r"AF_UNIX/SOCK_SEQPACKET sockets \(installed: .*tcp.*\)$"):
+            transport_for(sock)
+
+
+@requires_fork
+def test_prefork_workers_serve_the_passed_socket_without_the_variables(sockets):
+    tcp = sockets[0]
+    port = tcp.getsockname()[1]
+    args = [sys.executable, CHILD, "launch", "--fds", str(tcp.fileno()), "--names", "web", "--",
+            "serve", "systemd:web", "--concurrency", "prefork", "--workers", "2"]
+    proc = subprocess.Popen(args, pass_fds=[tcp.fileno()], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tcp.close()  # the child has it now
+    try:
+        assert proc.stderr is not None
+        assert "PreforkTCPServer" in proc.stderr.readline()
+        replies = [ask(port, b"p%d\n" % i) for i in range(6)]
+        assert [r["echo"] for r in replies] == [f"P{i}" for i in range(6)]
+        assert proc.pid not in {r["pid"] for r in replies}, "the workers serve"
+        assert all(r["env"] == {} for r in replies), "no LISTEN_* in a worker"
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
 def test_from_socket_closes_the_socket_when_construction_fails():
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
