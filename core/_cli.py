@@ -33,6 +33,17 @@ SERVE_BACKLOG = LISTEN_BACKLOG
 SERVE_DRAIN_TIMEOUT = 10.0
 #: Seconds between turns of the serve loop (service_actions, reaping children).
 SERVE_POLL_INTERVAL = 0.5
+#: Limits ``sockserve serve`` turns on (the library's classes have them off): a client
+#: that stops talking for a minute, a handler running for five, more than 1024
+#: connections per process or 256 from one client host (the PROXY-protocol client
+#: with ``--layer proxy``; behind a load balancer without it every client shares the
+#: balancer's address). ``-o NAME=VALUE`` changes one, ``-o NAME=none`` turns it off.
+SERVE_LIMITS: dict[str, Any] = {
+    "idle_timeout": 60.0,
+    "request_timeout": 300.0,
+    "max_connections": 1024,
+    "max_connections_per_ip": 256,
+}
 
 
 class UsageError(SockserveError, ValueError):
@@ -153,6 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
         "request_queue_size": SERVE_BACKLOG,
         "drain_timeout": SERVE_DRAIN_TIMEOUT,
         "allow_reuse_address": True,
+        **SERVE_LIMITS,
     }
     server_class = with_options(base, settings)
     options = parse_command_line_options(server_class, args.option, unknown_hint=option_declared_by)
@@ -196,6 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        print(f"sockserve: limits: {_limits(server)}", file=sys.stderr, flush=True)
         server.serve_forever(SERVE_POLL_INTERVAL)
     finally:
         try:
@@ -207,6 +220,39 @@ def _serve(args: argparse.Namespace) -> int:
                 signal.signal(sig, handler_before)
     print("sockserve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _limits(server: Any) -> str:
+    """The limits in force, and how many connections run at once, for the startup line."""
+    shown = []
+    for name in ("first_byte_timeout", "idle_timeout", "request_timeout", "drain_timeout"):
+        value = getattr(server, name, None)
+        shown.append(f"{name}={'none' if value is None else f'{value:g}s'}")
+    for name in ("max_connections", "max_connections_per_ip"):
+        value = getattr(server, name, None)
+        shown.append(f"{name}={'none' if value is None else value}")
+    capacity = _capacity(server)
+    if capacity:
+        shown.append(capacity)
+    return " ".join(shown)
+
+
+def _capacity(server: Any) -> str:
+    """How many handlers run at once, where a strategy bounds it: a keep-alive client
+    holds one for as long as it stays connected, so more of them than this wait."""
+    workers = getattr(server, "workers", None)
+    inner = getattr(server, "inner", None)
+    threads = getattr(server, "threads", None)
+    if workers is not None and inner is not None:  # prefork
+        if threads is not None:
+            return f"(at most {workers}x{threads} handlers at once: keep-alive clients beyond that wait)"
+        if inner == "sync":
+            return (f"(at most {workers} handlers at once, one per worker: keep-alive clients "
+                    "beyond that wait; -o inner=threadpool for more)")
+        return ""
+    if threads is not None:
+        return f"(at most {threads} handlers at once: keep-alive clients beyond that wait)"
+    return ""
 
 
 def _reload(server: Any) -> None:

@@ -174,4 +174,6 @@ class TestGuideLayerConforms(LayerTests):
         return sock
 
     def failing_clients(self) -> dict[str, Any]:
-        return {**super().failing_clients(), "bad-header": _bad_header}
+        # Part of a header, then nothing: under threadpool a client that sends nothing
+        # at all is closed by first_byte_timeout before the layer runs.
+        return {"timeout": lambda sock: sock.sendall(b"FROM 192"), "bad-header": _bad_header}
