@@ -47,6 +47,7 @@ class ThreadPool:
         self._room: queue.SimpleQueue[bool] = queue.SimpleQueue()
         for _ in range(size + backlog):
             self._room.put(True)
+        self._size, self._backlog = size, backlog
         self._paused = False  # the pool paused accepting; the next free place resumes it
         self._dropping = False  # close(): deny queued requests instead of running them
         self._threads = [
@@ -67,6 +68,8 @@ class ThreadPool:
             token = room.get_nowait()
         except queue.Empty:
             token = False
+        if room.qsize() < self._backlog:  # every thread is busy: this one waits
+            self._saturated()
         self._requests.put((request, client_address, token))
         if room.empty():
             server = self._server
@@ -75,6 +78,18 @@ class ThreadPool:
             if not room.empty():  # a worker gave a place back meanwhile
                 self._paused = False
                 server.resume_accepting()
+
+    def _saturated(self) -> None:
+        """A request waits for a thread: count it (``limits_reached["threads"]``); the
+        first time, say why, since keep-alive clients make it happen quietly."""
+        reached = self._server.limits_reached
+        reached["threads"] += 1
+        if reached["threads"] == 1:
+            log.warning(
+                "%s: all %d threads busy; requests wait for one (a keep-alive connection "
+                "holds a thread while it stays open: raise threads, or set idle_timeout)",
+                type(self._server).__name__, self._size,
+            )
 
     def _work(self) -> None:
         me = threading.current_thread()

@@ -12,7 +12,8 @@ use it for annotations without an import cycle.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 __all__ = ["Server"]
@@ -27,6 +28,14 @@ class Server(Protocol):
     drain_timeout: float | None
     #: Requests whose connections the drain shut down at its deadline.
     requests_cut_off: int
+    #: Requests refused after they were accepted, by reason.
+    requests_denied: Counter[str]
+    #: Requests ended by a timeout: ``idle``, ``request``.
+    requests_timed_out: Counter[str]
+    #: Times a limit was reached: ``max_connections``, ``threads`` (a request waited).
+    limits_reached: Counter[str]
+    #: Seconds a connection may wait for its first byte in ``when_readable``.
+    first_byte_timeout: float | None
 
     # -- the strategy contract (DESIGN.md section 7)
 
@@ -39,12 +48,29 @@ class Server(Protocol):
         """``shutdown()`` was asked for and the serve loop has not stopped yet."""
         ...
 
-    def pause_accepting(self) -> None:
-        """Stop polling the listening socket; the loop keeps turning. Any thread."""
+    def pause_accepting(self, reason: str = "strategy") -> None:
+        """Stop polling the listening socket; the loop keeps turning. Any thread.
+        Pauses for different reasons add up."""
         ...
 
-    def resume_accepting(self) -> None:
-        """Poll the listening socket again. Any thread."""
+    def resume_accepting(self, reason: str = "strategy") -> None:
+        """End the pause for *reason*; poll again when no pause holds. Any thread."""
+        ...
+
+    def when_readable(
+        self, request: Any, client_address: Any, then: Callable[[Any, Any], Any]
+    ) -> None:
+        """Call ``then(request, client_address)`` once the connection is readable; until
+        then it waits in the serve loop's poller (closed at ``first_byte_timeout``)."""
+        ...
+
+    @property
+    def waiting(self) -> int:
+        """How many connections wait in ``when_readable`` for their first byte."""
+        ...
+
+    def request_moved(self, request: Any) -> None:
+        """The connection runs in another process now (it no longer counts here)."""
         ...
 
     @property

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import time
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -376,3 +377,35 @@ def test_parse_address_rejects_other_shapes_saying_what_is_accepted(text, messag
     assert str(caught.value) == message
     assert isinstance(caught.value, ValueError)
     assert isinstance(caught.value, sockserve.SockserveError)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_serve_turns_limits_on_and_prints_them_and_what_runs_at_once(tmp_path):
+    with cli_server("127.0.0.1:0", "-c", "threadpool", "-o", "threads=3", cwd=tmp_path) as server:
+        assert ask_stream(server.address, b"limits\n") == b"LIMITS\n"
+        status, rest = server.stop(signal.SIGTERM)
+    assert status == 0
+    said = server.banner + rest
+    line = next(text for text in said.splitlines() if text.startswith("sockserve: limits: "))
+    for shown in ("first_byte_timeout=10s", "idle_timeout=60s", "request_timeout=300s",
+                  "max_connections=1024", "max_connections_per_ip=256",
+                  "at most 3 handlers at once: keep-alive clients beyond that wait"):
+        assert shown in line, line
+
+
+def test_serve_limit_turned_off_with_none_and_idle_clients_are_closed_at_idle_timeout(tmp_path):
+    args = ("127.0.0.1:0", "-o", "max_connections=none", "-o", "idle_timeout=0.5")
+    with cli_server(*args, cwd=tmp_path) as server:
+        with socket.create_connection(server.address, timeout=5) as client:
+            client.sendall(b"no newline yet")
+            start = time.monotonic()
+            assert client.recv(100) == b""
+            took = time.monotonic() - start
+        status, rest = server.stop(signal.SIGTERM)
+    assert status == 0
+    assert 0.3 < took < 3, took
+    said = server.banner + rest
+    assert "max_connections=none" in said and "idle_timeout=0.5s" in said
+    assert "Traceback" not in said

@@ -153,7 +153,7 @@ def test_request_timeout_under_threadpool_frees_the_threads_for_others():
                 client.sendall(b"waited\n")
                 assert read_to_eof(client) == b"WAITED\n"
             assert all(ended_by_server(c, 2) for c in stalled)
-            assert server.requests_timed_out["request"] == 2
+            assert wait_until(lambda: server.requests_timed_out["request"] == 2)
             stack.close()
 
 
@@ -257,3 +257,23 @@ def test_limits_cost_nothing_when_off():
             assert read_to_eof(client) == b"Q\n"
         assert server._sockserve_limited is False
         assert server._sockserve_state.limits is None
+
+
+def test_threadpool_makes_its_thread_limit_visible_when_a_request_waits(caplog):
+    """Keep-alive clients hold a thread each: the 3rd of 3 waits with 2 threads. That is
+    counted (limits_reached["threads"]) and said once, not left silent."""
+    gate = Gate()
+    cls = sockserve.compose("tcp", "threadpool", options={"threads": 2})
+    with no_leaks(), ExitStack() as stack, caplog.at_level(logging.WARNING, logger="sockserve"):
+        with serving(cls(LOOPBACK, gate.handler())) as server:
+            clients = [stack.enter_context(tcp_client(server)) for _ in range(4)]
+            for client in clients:
+                client.sendall(b"k")
+            assert wait_until(lambda: gate.started == 2)
+            assert wait_until(lambda: server.limits_reached["threads"] == 2)
+            for client in clients:
+                client.sendall(b"\n")
+                assert read_to_eof(client) == b"K\n"
+            stack.close()
+    lines = [r.getMessage() for r in caplog.records if "threads busy" in r.getMessage()]
+    assert len(lines) == 1 and "all 2 threads busy" in lines[0], lines
