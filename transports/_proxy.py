@@ -17,7 +17,11 @@ stunnel... The header is parsed by ``_proxy_header.parse`` to the letter of HAPr
   tuple: ``client_address[0]`` is the host as usual) or for a Unix source a
   ``ProxiedPath`` (a str), whose ``.proxy`` is the ``ProxyHeader`` (TLVs: ``alpn``,
   ``authority``, ``unique_id``, ``ssl``). For LOCAL (health checks), v1 ``UNKNOWN`` and
-  an UNSPEC family it is the real peer's address, ``.proxy`` set all the same.
+  an UNSPEC family it is the real peer's address, ``.proxy`` set all the same. Addresses
+  have the socket module's shapes and spelling (``inet_ntop``): ``(host, port)`` for
+  IPv4, ``(host, port, 0, 0)`` for IPv6, a path for a Unix source. Both pickle.
+- A version 2 header may be at most ``max_header_length`` bytes (default 4096: any
+  HAProxy header with every TLV option fits; the protocol allows 65551).
 - Refusals raise ``LayerError`` with reason ``proxy-not-allowed``, ``proxy-timeout``,
   ``proxy-header`` (not a valid header, or the connection ended inside one),
   ``proxy-version`` (a version not in ``versions``) or ``proxy-eof`` (closed or reset

@@ -3,7 +3,12 @@ every strategy, headers in pieces and dripped, the deadline over the whole heade
 payload untouched, refusals by reason (counted, closed, logged at most once a minute),
 the allow-list, idle PROXY clients on a threadpool, bad options, the conformance kit, and
 HAProxy itself in front (``send-proxy``, ``send-proxy-v2`` with TLVs, TCP4, TCP6 and a
-Unix-socket frontend, its health checks, a TLS frontend's SSL TLVs).
+Unix-socket frontend, its health checks, a TLS frontend's SSL TLVs, ``send-proxy-v2 ssl``
+into the proxy and tls layers), and ``sockserve serve --layer proxy``.
+
+More than 400 lines: every test of the layer on sockets is here, in the order above; the
+parser's own tests are in test_proxy_header.py, the encoder and HAProxy helpers in
+proxy_support.py.
 """
 
 from __future__ import annotations
