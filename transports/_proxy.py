@@ -106,7 +106,9 @@ class ProxiedPath(str):
 
 def _proxied(address: Any, header: ProxyHeader) -> Any:
     if isinstance(address, tuple):
-        return ProxiedAddress(address, header)
+        proxied = tuple.__new__(ProxiedAddress, address)  # as ProxiedAddress(), less a call
+        proxied.proxy = header
+        return proxied
     if isinstance(address, bytes):  # an abstract Unix peer, as the socket module gives it
         address = os.fsdecode(address)
     return ProxiedPath(address, header)
@@ -302,7 +304,10 @@ class ProxyLayer:
                 except ProxyHeaderError as exc:
                     raise self._proxy_refusal(f"proxy-{exc.reason}", peer, str(exc)) from None
                 if isinstance(result, ProxyHeader):
-                    _consume(sock, len(result.raw))
+                    size = len(result.raw)
+                    got = len(sock.recv(size))  # peeked: all there, read at once
+                    if got != size:
+                        _consume(sock, size - got)
                     return result
         return self._proxy_read_slowly(sock, peer, versions, max_length)
 

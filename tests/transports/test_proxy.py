@@ -408,7 +408,7 @@ class TestProxyLayerKit(LayerTests):
 
     layer = ProxyLayer
     options = {"header_timeout": 0.5}
-    strategies = ("sync", "threading", "threadpool", "forking")
+    strategies = ("sync", "threading", "threadpool", "forking", "prefork")
     expected_request = "socket"
     expected_client = ("203.0.113.7", 5555)
 
