@@ -35,8 +35,7 @@ else:
 
 log = logging.getLogger("sockserve")
 
-#: One worker per CPU by default: each runs one Python interpreter, so more than the
-#: number of cores only adds context switches for CPU-bound handlers.
+#: One worker per CPU by default: more only add context switches for CPU-bound handlers.
 WORKERS = os.cpu_count() or 1
 #: A worker's serve loop turns at least this often, to notice that its parent died.
 POLL_INTERVAL = 0.5
@@ -77,8 +76,6 @@ class PreforkMixIn(_ServerClass):
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return super().__new__(with_inner_strategy(cls, getattr(cls, "inner", "sync"), PreforkMixIn))
 
-    # ------------------------------------------------------------------ parent
-
     def server_bind(self) -> None:
         if self.reuse_port:
             if self.address_family not in (socket.AF_INET, socket.AF_INET6):
@@ -105,9 +102,7 @@ class PreforkMixIn(_ServerClass):
         try:
             self._slots.fill()
             if self.reuse_port and self.socket.type != socket.SOCK_STREAM:
-                # A datagram socket in the group would get its share of the traffic and
-                # never read it; a stream one was never made to listen (server_activate).
-                self.socket.close()
+                self.socket.close()  # in the group it would get a share of the datagrams
             super().serve_forever(poll_interval)
         finally:
             try:
@@ -133,6 +128,13 @@ class PreforkMixIn(_ServerClass):
         elif self._slots is not None:
             self._slots.supervise()
 
+    def reload(self) -> bool:
+        """Parent: reload, then replace the workers (forked anew, they get what was reloaded)."""
+        done = super().reload()
+        if self._slots is not None:  # None in a worker
+            self._slots.replace()
+        return done
+
     def _spawn(self, slot: int) -> int:
         parent = os.getpid()
         return fork_worker(lambda unblock: self._work(slot, parent, unblock))
@@ -144,11 +146,9 @@ class PreforkMixIn(_ServerClass):
     def server_close(self) -> None:
         """Close the server; in the parent, stop any worker still running."""
         super().server_close()
-        if self.worker_id is None:
-            self._stop_workers()
+        self._stop_workers()  # _slots is None in a worker
 
-    # ------------------------------------------------------------------ worker
-
+    # Worker side:
     def _work(self, slot: int, parent: int, unblock: Any) -> int:
         self.after_fork()
         self.worker_id, self._parent, self._slots = slot, parent, None

@@ -184,6 +184,17 @@ class WorkerSlots:
         young = code != 0 and time.monotonic() - started < RESPAWN_DELAY
         self._due.append((time.monotonic() + (RESPAWN_DELAY if young else 0.0), slot))
 
+    def replace(self) -> None:
+        """Ask every worker to stop gracefully (SIGTERM: it drains its requests); each is
+        replaced by a new one forked from the server as it is now (after a reload, with
+        the new certificates). Any thread. The others accept meanwhile; with one worker
+        the listen backlog holds new clients until its replacement runs."""
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:  # exited meanwhile: supervise() replaces it
+                pass
+
     def stop(self) -> int:
         """Stop every worker (SIGTERM, then SIGKILL at the drain deadline); return how
         many had to be killed."""

@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import warnings
@@ -130,10 +131,12 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="run a server (default: the upper-casing echo demo)")
     serve.add_argument("address", nargs="?", default=DEFAULT_ADDRESS,
-                       help=f"{ADDRESS_SHAPES} (default {DEFAULT_ADDRESS})")
+                       help=f"{ADDRESS_SHAPES}, or a passed socket: fd://N, systemd or "
+                       f"systemd:NAME (default {DEFAULT_ADDRESS})")
     serve.add_argument("handler", nargs="?", default=DEFAULT_HANDLER,
                        help="request handler as module:Class (default: upper-casing echo)")
-    serve.add_argument("--transport", "-t", help="transport plugin (default tcp, or unix for unix:PATH)")
+    serve.add_argument("--transport", "-t", help="transport plugin (default tcp, unix for unix:PATH, "
+                       "the socket's own for fd://N and systemd)")
     serve.add_argument("--concurrency", "-c", default="threading",
                        help="concurrency plugin (default threading)")
     serve.add_argument("--layer", "-l", action="append", default=[],
@@ -143,14 +146,35 @@ def _build_parser() -> argparse.ArgumentParser:
                        "with no:NAME (repeatable)")
     serve.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                        help="set a server setting, e.g. drain_timeout=5 (repeatable)")
+    serve.add_argument("--tls-cert", metavar="FILE",
+                       help="serve TLS with this PEM certificate chain (adds --layer tls)")
+    serve.add_argument("--tls-key", metavar="FILE",
+                       help="the private key of --tls-cert (default: in the --tls-cert file)")
+    serve.add_argument("--tls-password-file", metavar="FILE",
+                       help="a file whose first line is the password of the key")
     commands.add_parser("plugins", help="list installed plugins with their distributions")
     return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
-    address, implied = parse_address(args.address)
+    from ..transports._systemd import adopt, is_activation_address, transport_for
+
+    if not is_activation_address(args.address):
+        return _serve_address(args, *parse_address(args.address))
+    # Socket activation: the socket is the address; its family and type pick the transport.
+    sock = adopt(args.address)
+    try:
+        return _serve_address(args, sock, transport_for(sock))
+    except BaseException:
+        sock.close()  # from_socket closes it once it has it; before that it is ours
+        raise
+
+
+def _serve_address(args: argparse.Namespace, address: Any, implied: str | None) -> int:
     transport = args.transport or implied or "tcp"
     handler = _load_handler(args.handler)
+    if os.environ.get("NOTIFY_SOCKET") and not {"systemd", "no:systemd"} & set(args.plugin):
+        args.plugin.append("systemd")  # sd_notify READY / STOPPING / WATCHDOG under systemd
     # Blocked before the manager auto-loads, so that (as with SOCKSERVE_BLOCK_PLUGINS) a
     # blocked plugin is not even imported.
     block_plugins(name[3:] for name in args.plugin if name.startswith("no:"))
@@ -158,19 +182,33 @@ def _serve(args: argparse.Namespace) -> int:
     # An inner strategy (prefork's ``inner``) is composed in, so that its options exist.
     inner = [text.partition("=")[2].strip() for text in args.option
              if text.partition("=")[0].strip() == "inner"]
-    base = registry.compose(transport, args.concurrency, layers=args.layer, plugins=plugins,
+    # --tls-cert and friends (the standard http.server's flags) add the tls layer, last:
+    # after --layer proxy, say, so that the PROXY header is read in clear first.
+    from ..transports._tls import tls_options_from_flags  # ssl only when serving
+
+    tls = tls_options_from_flags(args.tls_cert, args.tls_key, args.tls_password_file)
+    layers = [*args.layer, "tls"] if tls and "tls" not in args.layer else list(args.layer)
+    base = registry.compose(transport, args.concurrency, layers=layers, plugins=plugins,
                             options={"inner": inner[-1]} if inner else None)
     settings: dict[str, Any] = {
         "request_queue_size": SERVE_BACKLOG,
         "drain_timeout": SERVE_DRAIN_TIMEOUT,
         "allow_reuse_address": True,
         **SERVE_LIMITS,
+        **tls,  # --option certfile=... given too overrides the flag
     }
     server_class = with_options(base, settings)
     options = parse_command_line_options(server_class, args.option, unknown_hint=option_declared_by)
     server_class = with_options(server_class, options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = server_class(address, handler)
+    if isinstance(address, socket.socket):
+        from_socket = getattr(server_class, "from_socket", None)
+        if from_socket is None:
+            raise UsageError(f"transport {transport!r} cannot serve a passed socket "
+                             f"({server_class.__name__} has no from_socket)")
+        server = from_socket(address, handler)  # a mismatch names both: exit 2
+    else:
+        server = server_class(address, handler)
     # The stop handler stays installed until server_close() (the drain) has returned.
     stopping: list[int] = []
     installer = os.getpid()
@@ -257,9 +295,13 @@ def _capacity(server: Any) -> str:
 
 def _reload(server: Any) -> None:
     try:
-        server.reload()
+        done = server.reload()
     except Exception:  # a layer that raises instead of keeping its old state
         log.exception("sockserve: reload failed; serving on with what was loaded before")
+        return
+    if done is False:
+        log.error("sockserve: reload incomplete: kept what was loaded before where new "
+                  "files were bad (see above)")
     else:
         log.info("sockserve: reloaded")
 

@@ -69,6 +69,10 @@ class Server(Protocol):
         """How many connections wait in ``when_readable`` for their first byte."""
         ...
 
+    def reload(self) -> bool:
+        """Re-read certificates and the like (SIGHUP); False if some part kept its old state."""
+        ...
+
     def request_moved(self, request: Any) -> None:
         """The connection runs in another process now (it no longer counts here)."""
         ...

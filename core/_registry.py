@@ -130,7 +130,10 @@ TABLE: tuple[Kind, ...] = (
         "unix": "sockserve.transports._pairs:UNIX_STREAM",
         "unix-dgram": "sockserve.transports._pairs:UNIX_DGRAM",
     }),
-    Kind("layer", "sockserve.layers", "layer", "layers", _check_layer, {}),
+    Kind("layer", "sockserve.layers", "layer", "layers", _check_layer, {
+        "tls": "sockserve.transports._tls:TLSLayer",
+        "proxy": "sockserve.transports._proxy:ProxyLayer",
+    }),
     Kind("concurrency", "sockserve.concurrency", "concurrency", "concurrency strategies", _check_mixin, {
         "sync": "sockserve.concurrency._sync:SyncMixIn",
         "threading": "sockserve.concurrency._threading:ThreadingMixIn",
@@ -141,6 +144,7 @@ TABLE: tuple[Kind, ...] = (
     Kind("plugin", "sockserve.plugins", "lifecycle", "lifecycle plugins", _check_any, {
         "access-log": "sockserve.plugins._accesslog:ACCESS_LOG",
         "stats": "sockserve.plugins._stats:STATS",
+        "systemd": "sockserve.plugins._systemd:SYSTEMD",
     }),
 )
 
@@ -540,7 +544,8 @@ class Registry:
         ``compose("udp", "threading") is ThreadingUDPServer``. The same arguments give the
         same class object, named by its parts (``PreforkThreadpoolTCPServer``), resolvable
         as ``sockserve.<name>`` and picklable. The MRO is: the concurrency mixin, *mixins*,
-        *layers* in the order given, the transport class.
+        *layers* last-given first (each chains to ``super()`` before its own work, so the
+        first one given works on the raw connection first), the transport class.
 
         :param transport: a transport name (default ``"tcp"``); or give *family* and
             *socket_type* instead.
@@ -621,6 +626,10 @@ class Registry:
             else:
                 parts = (() if adds_nothing else (mixin,)) + mixins + tuple(layer_classes)
                 name = "".join(_prefix(m) for m in parts) + base.__name__
+                # A layer's prepare_request chains to super() first and works on what it
+                # returns: the layer nearest the transport works first. So the first one
+                # given goes last in the MRO, and sees the raw connection first.
+                bases = (*parts[: len(parts) - len(layer_classes)], *reversed(layer_classes))
                 namespace: dict[str, Any] = {
                     "__doc__": f"{base.__name__} served with {mixin.__name__}"
                     + "".join(f", {m.__name__}" for m in parts[1:])
@@ -629,7 +638,7 @@ class Registry:
                 if plugins:
                     name += "With" + "".join(_plugin_stem(p) for p in plugins)
                     namespace["_sockserve_plugins"] = (*getattr(base, "_sockserve_plugins", ()), *plugins)
-                cls = self._make_class(name, (*parts, base), namespace)
+                cls = self._make_class(name, (*bases, base), namespace)
             self._classes[key] = cls
             for use in uses:
                 self._uses.setdefault(use, set()).add(key)

@@ -630,13 +630,16 @@ class BaseServer:
     def service_actions(self) -> None:
         """Called on every turn of the ``serve_forever`` loop; may be overridden."""
 
-    def reload(self) -> None:
+    def reload(self) -> bool:
         """Re-read what the server was built from (certificates and keys), keeping what
         works: a layer whose new files are bad logs the error and keeps the old ones.
 
         ``sockserve serve`` calls it on SIGHUP. Layers and plugins override it and chain
         with ``super()``; the default does nothing.
+
+        :returns: False when some part kept its old state (it logged why), else True.
         """
+        return True
 
     def handle_request(self) -> None:
         """Handle one request, waiting at most ``timeout`` (then ``handle_timeout()``).

@@ -381,20 +381,25 @@ class TLSLayer(_ServerClass):
         context.sni_callback = _record_sni(by_name, None)
         return _Contexts(context, by_name)
 
-    def reload(self) -> None:
+    def reload(self) -> bool:
         """Build new contexts from the files and use them for new connections (those in
         flight keep theirs). Bad new files keep the old contexts and log one error line.
-        A given ``ssl_context`` is kept as it is."""
-        super().reload()
+        A given ``ssl_context`` is kept as it is.
+
+        :returns: False when something kept its old state (here or further down the chain).
+        """
+        done = super().reload()
         if self.ssl_context is not None:
-            return
+            return done
         try:
             contexts = self._tls_build()
         except OptionError as exc:
             log.error("%s: tls reload failed, keeping the certificates loaded before: %s",
                       type(self).__name__, exc)
-            return
+            return False
         self.tls_contexts = contexts
+        log.info("%s: tls certificates reloaded", type(self).__name__)
+        return done
 
     # -- per connection
 

@@ -42,9 +42,9 @@ class Reloads:
     def prepare_request(self, request: Any, client_address: Any) -> tuple[Any, Any]:
         return super().prepare_request(request, client_address)  # type: ignore[misc,no-any-return]
 
-    def reload(self) -> None:
+    def reload(self) -> bool:
         Reloads.reloads += 1
-        super().reload()  # type: ignore[misc]
+        return super().reload()  # type: ignore[misc,no-any-return]
 
 
 def closed_unanswered(client: socket.socket) -> bool:
@@ -108,7 +108,7 @@ def test_layer_error_from_prepare_request_with_log_false_is_counted_not_logged(c
 def test_reload_chains_through_the_layers_and_the_default_does_nothing():
     plain = registry.compose("tcp", "sync")
     with plain(LOOPBACK, EchoUpper) as server:
-        assert server.reload() is None
+        assert server.reload() is True
     cls = registry.compose("tcp", "sync", layers=[Reloads])
     with cls(LOOPBACK, EchoUpper) as server:
         server.reload()

@@ -588,7 +588,6 @@ def test_socket_activate_type_mismatch_is_a_clear_error_exit_2():
 
 # ----------------------------------------------------------------- sockserve serve (the lead wires it)
 
-NEEDS_CLI = pytest.mark.skip(reason="needs CLI wiring")
 
 
 def sockserve_command(*args: str) -> list[str]:
@@ -607,7 +606,6 @@ def ask_line(port: int, line: bytes) -> bytes:
         return client.makefile("rb").readline()
 
 
-@NEEDS_CLI
 @requires_socket_activate
 def test_cli_serves_the_first_queued_connection_on_the_socket_systemd_passed():
     with activated_cli([], "systemd") as (activator, (port,)):
@@ -618,7 +616,6 @@ def test_cli_serves_the_first_queued_connection_on_the_socket_systemd_passed():
         assert activator.proc.wait(15) == 0
 
 
-@NEEDS_CLI
 @requires_socket_activate
 @requires_fork
 def test_cli_prefork_on_a_passed_socket():
@@ -627,7 +624,6 @@ def test_cli_prefork_on_a_passed_socket():
         assert "PreforkTCPServer serving on" in activator.wait_for("serving on")
 
 
-@NEEDS_CLI
 @requires_socket_activate
 def test_cli_fdname_selects_the_socket_and_datagram_picks_udp():
     with activated_cli(["--fdname=web:admin"], "systemd:admin", ports=2) as (activator, (web, admin)):
@@ -641,7 +637,6 @@ def test_cli_fdname_selects_the_socket_and_datagram_picks_udp():
         assert "ThreadingUDPServer serving on" in activator.wait_for("serving on")
 
 
-@NEEDS_CLI
 @requires_socket_activate
 def test_cli_type_mismatch_exits_2_naming_both():
     with activated_cli(["--datagram"], "systemd", "--transport", "tcp", kind=socket.SOCK_DGRAM) as (activator, (port,)):
@@ -653,7 +648,6 @@ def test_cli_type_mismatch_exits_2_naming_both():
             "ThreadingTCPServer serves AF_INET/SOCK_STREAM")
 
 
-@NEEDS_CLI
 @requires_socket_activate
 def test_cli_notifies_ready_watchdog_and_stopping(tmp_path):
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -690,7 +684,6 @@ def cli(*args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProce
                           env=env, pass_fds=pass_fds, stdin=subprocess.DEVNULL)
 
 
-@NEEDS_CLI
 def test_cli_bad_activation_addresses_exit_2_with_a_clear_error():
     read, write = os.pipe()
     try:
@@ -711,7 +704,6 @@ def test_cli_bad_activation_addresses_exit_2_with_a_clear_error():
                                   "(LISTEN_PID is not set)")
 
 
-@NEEDS_CLI
 def test_cli_serves_fd_n():
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))
