@@ -1,8 +1,8 @@
 """The PROXY protocol parser (transports/_proxy_header.py), against HAProxy's
 ``proxy-protocol.txt``: a table of valid and invalid headers (each row a reason from the
 specification), every valid header cut at every byte, and generated headers (hypothesis:
-``SOCKSERVE_FUZZ_EXAMPLES`` examples, 10,000 by default; the slow run 100,000 with
-``SOCKSERVE_FUZZ_SLOW=1``).
+``SOCKSERVE_FUZZ_EXAMPLES`` examples, 10,000 by default; the run of 100,000 is marked
+``slow``: ``python -m pytest -m slow tests/transports/test_proxy_header.py``).
 
 More than 400 lines: the specification's table of headers is most of it, and belongs in
 one place with the generators that cover what the table does not.
@@ -36,7 +36,6 @@ from sockserve.transports._proxy_header import (  # noqa: E402
 EXAMPLES = int(os.environ.get("SOCKSERVE_FUZZ_EXAMPLES", "10000"))
 SLOW_EXAMPLES = 100_000
 #: The slow run (100,000 examples) runs when this is set (a ``slow`` marker once registered).
-SLOW = os.environ.get("SOCKSERVE_FUZZ_SLOW") == "1"
 FUZZ = dict(deadline=None, database=None, derandomize=False,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -497,7 +496,7 @@ def test_mutated_headers_never_crash_or_over_read(seed: int) -> None:
     _check_arbitrary(bytes(raw) + b"PAYLOAD")
 
 
-@pytest.mark.skipif(not SLOW, reason="the 100,000-example run: set SOCKSERVE_FUZZ_SLOW=1")
+@pytest.mark.slow
 @settings(max_examples=SLOW_EXAMPLES, **FUZZ)
 @given(seed=_seeds)
 def test_generated_headers_round_trip_slow(seed: int) -> None:
