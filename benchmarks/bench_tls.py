@@ -541,12 +541,21 @@ def report(args: argparse.Namespace, names: list[str], results: dict[str, list[d
                 sections.append(f"{scenario} {name}/asyncio {h.ratio_text(figure)} (reference)")
         own = h.median([r[n]["loadgen_own"] for r in rounds for n in names])
         idle = h.median([r[n]["idle_share"] for r in rounds for n in names])
+        share = h.median([r[n]["loadgen_share"] for r in rounds for n in names])
+        other = h.median([r[n]["other_share"] for r in rounds for n in names])
         saturated = own >= SATURATED or idle < IDLE_FLOOR
         saturated_any |= saturated
+        if own >= SATURATED:
+            verdict = "SATURATED: the client processes ran flat out; the servers may have been waiting for them"
+        elif saturated:
+            verdict = (f"SATURATED: the machine had no CPU to spare (load generator {share:.0%}, everything else "
+                       f"{other:.0%} of all CPUs): the servers competed with the clients"
+                       + (" and with other jobs" if other >= 0.10 else "") + ", so the ratios are compressed "
+                       "toward 1 (every contender pays the same client cost per request)")
+        else:
+            verdict = "not saturated"
         print(f"# {scenario}: load generator used {own:.0%} of the CPU its {args.clients} processes could use, "
-              f"machine idle {idle:.0%}: " + (
-                  "SATURATED - the clients competed with the servers for CPU; the ratios are compressed "
-                  "toward 1 and measure client cost too" if saturated else "not saturated"))
+              f"machine idle {idle:.0%}: {verdict}")
         logged = {line for r in rounds for n in names for line in r[n]["stderr"]}
         for line in sorted(logged)[:10]:
             print(f"# {scenario} server stderr: {line[:200]}")
