@@ -796,7 +796,7 @@ def test_cli_plugins_shows_each_transports_description(author_site, tmp_path):
     lines = proc.stdout.splitlines()
     expected = {
         "tcp": "TCP over IPv4; IPv6 literals work too",
-        "unix-dgram": "Unix datagram sockets",
+        "unix-dgram": "Unix datagram sockets (socket_mode option)",
         "described-tcp": "TCP with a description from a third party",
     }
     for name, description in expected.items():

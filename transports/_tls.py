@@ -416,8 +416,12 @@ class TLSLayer(_ServerClass):
         deadline = time.monotonic() + limit
         previous = request.gettimeout()
         _check_first_bytes(request, client_address, limit)
-        tls = self.tls_contexts.context.wrap_socket(
-            request, server_side=True, do_handshake_on_connect=False)
+        try:
+            tls = self.tls_contexts.context.wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:  # gone between the peek and the wrap ("Closed before TLS ...")
+            raise LayerError("tls-eof", client_address,
+                             f"connection lost before the handshake: {exc}") from None
         try:
             # The socket's timeout bounds the whole do_handshake() call, not each step
             # (Python 3.5+): a client sending a byte at a time cannot stretch it.
