@@ -308,11 +308,11 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
-def machine_ticks() -> tuple[int, int]:
-    """(all, idle) CPU ticks of the machine since boot, from /proc/stat."""
+def machine_ticks() -> tuple[int, int, int, int]:
+    """(all, idle, irq + softirq, steal) CPU ticks of the machine since boot, from /proc/stat."""
     with open("/proc/stat") as fh:
-        values = [int(v) for v in fh.readline().split()[1:8]]
-    return sum(values), values[3] + values[4]
+        values = [int(v) for v in fh.readline().split()[1:9]]
+    return sum(values), values[3] + values[4], values[5] + values[6], values[7]
 
 
 class Sampler(threading.Thread):
@@ -323,7 +323,8 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.names, self.servers, self.clients = names, servers, clients
         self.start_at, self.stop_at, self.slice, self.first = start, stop, slice_, first
-        self.tally = {n: {"loadgen": 0, "server": 0, "all": 0, "idle": 0, "slices": 0} for n in names}
+        self.tally = {n: {"loadgen": 0, "server": 0, "all": 0, "idle": 0, "irq": 0, "steal": 0, "slices": 0}
+                      for n in names}
 
     def snapshot(self) -> dict[str, Any]:
         servers = {}
@@ -332,9 +333,9 @@ class Sampler(threading.Thread):
             for pid in kids:  # prefork workers: killed with their supervisor if left behind
                 child.descendants.setdefault(pid, h.start_time(pid) or 0)
             servers[name] = cpu_ticks(child.pid) + sum(cpu_ticks(p) for p in kids)
-        total, idle = machine_ticks()
+        total, idle, irq, steal = machine_ticks()
         return {"loadgen": sum(cpu_ticks(c.pid) for c in self.clients), "servers": servers,
-                "all": total, "idle": idle}
+                "all": total, "idle": idle, "irq": irq, "steal": steal}
 
     def run(self) -> None:
         k = 0
@@ -350,8 +351,8 @@ class Sampler(threading.Thread):
             t = self.tally[name]
             t["loadgen"] += now["loadgen"] - last["loadgen"]
             t["server"] += now["servers"][name] - last["servers"][name]
-            t["all"] += now["all"] - last["all"]
-            t["idle"] += now["idle"] - last["idle"]
+            for field in ("all", "idle", "irq", "steal"):
+                t[field] += now[field] - last[field]
             t["slices"] += 1
             last = now
             k += 1
@@ -404,6 +405,8 @@ def one_round(scenario: str, names: list[str], number: int, args: argparse.Names
             "loadgen_own": t["loadgen"] / TICK / wall / min(args.clients, ncpu) if wall else float("nan"),
             "server_share": t["server"] / TICK / wall / ncpu if wall else float("nan"),
             "idle_share": t["idle"] / t["all"] if t["all"] else float("nan"),
+            "irq_share": t["irq"] / t["all"] if t["all"] else float("nan"),
+            "steal_share": t["steal"] / t["all"] if t["all"] else float("nan"),
             # Everything else: the other contenders' idle servers, this process, other jobs.
             "other_share": (1 - t["idle"] / t["all"] - t["server"] / TICK / wall / ncpu
                             - t["loadgen"] / TICK / wall / ncpu) if wall and t["all"] else float("nan"),
@@ -543,6 +546,10 @@ def report(args: argparse.Namespace, names: list[str], results: dict[str, list[d
         idle = h.median([r[n]["idle_share"] for r in rounds for n in names])
         share = h.median([r[n]["loadgen_share"] for r in rounds for n in names])
         other = h.median([r[n]["other_share"] for r in rounds for n in names])
+        irq = h.median([r[n]["irq_share"] for r in rounds for n in names])
+        steal = h.median([r[n]["steal_share"] for r in rounds for n in names])
+        print(f"# {scenario}: 'other' holds the kernel's interrupt and softirq time ({irq:.0%}: loopback "
+              f"TCP runs there) and the host's steal ({steal:.0%}); the rest is other jobs and this process")
         saturated = own >= SATURATED or idle < IDLE_FLOOR
         saturated_any |= saturated
         if own >= SATURATED:
