@@ -65,6 +65,7 @@ _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 #: The TLS record type of a handshake message: the first byte a TLS client sends.
 _HANDSHAKE_RECORD = 0x16
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ",
                  b"CONNECT ", b"TRACE ", b"PRI ")
 _VERSION_REASONS = frozenset({
@@ -416,6 +417,14 @@ class TLSLayer(_ServerClass):
         deadline = time.monotonic() + limit
         previous = request.gettimeout()
         _check_first_bytes(request, client_address, limit)
+        if request.family in _TCP_FAMILIES:
+            # TLS 1.3 sends its session tickets after the handshake: with Nagle on, the
+            # handler's first small write then waits for their ACK (a delayed ACK, ~40 ms).
+            # The TLS layer writes whole records, so nothing is gained by holding them.
+            try:
+                request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         try:
             tls = self.tls_contexts.context.wrap_socket(
                 request, server_side=True, do_handshake_on_connect=False)

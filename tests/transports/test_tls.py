@@ -748,3 +748,32 @@ def test_sockserve_serve_tls_key_without_tls_cert_exits_2(tmp_path):
                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=30)
     assert got.returncode == 2
     assert "sockserve: error: bad value 'k.pem' for option 'keyfile': --tls-key needs --tls-cert" in got.stderr
+
+
+class NoDelay(sockserve.BaseRequestHandler):
+    """Answers each line with the connection's TCP_NODELAY setting, until EOF."""
+
+    def handle(self) -> None:
+        raw = socket.socket(fileno=os.dup(self.request.fileno()))  # the option is the fd's
+        try:
+            nodelay = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            raw.close()
+        while self.request.recv(1024):
+            self.request.sendall(b"%d\n" % nodelay)
+
+
+def test_tls_connections_answer_the_first_small_write_without_a_nagle_delay():
+    """TLS 1.3 sends session tickets after the handshake; with Nagle on, the handler's
+    first small reply waited for their (delayed) ACK, about 40 ms. The layer turns
+    TCP_NODELAY on for TCP connections."""
+    cls = compose("threading", min_version="1.3")
+    with serving(cls(LOOPBACK, NoDelay)) as server:
+        firsts = []
+        for _ in range(5):
+            with tls_connect(server.server_address) as tls:
+                start = time.monotonic()
+                tls.sendall(b"x")
+                assert tls.recv(10) == b"1\n"
+                firsts.append(time.monotonic() - start)
+    assert sorted(firsts)[2] < 0.02, firsts  # median well under a delayed ACK
