@@ -26,6 +26,13 @@ Contenders, each in a server process of its own (each imports only its module), 
 - ``prefork``    ``compose("tcp", "prefork", layers=["tls"])``, 2 workers, ``inner`` default
                  (``sync``).
 
+Both asyncio and the ``tls`` layer set TCP_NODELAY on their connections; the clients do
+too (as curl and browsers do). The first version of this script found the layer without
+it: after a TLS 1.3 handshake the server's session tickets were still unacknowledged when
+the handler wrote its first small reply, and Nagle held the reply for the client's delayed
+ACK, about 40 ms per connection (threadpool 0.46x and prefork 0.24x asyncio); commit
+3d59987 made the layer set it.
+
 Scenarios:
 
 - ``handshake``: connect, TLS handshake, send 64 bytes, read the echo, close.
@@ -55,6 +62,10 @@ the server for CPU). One ``SUMMARY`` line; exit status 1 when a goal is missed.
 
 Bounds: servers bind 127.0.0.1 port 0; every child has a watchdog; client sockets have
 timeouts; the parent kills every child it started (and prefork's workers), by pid.
+
+One file of more than 400 lines: its server children, client children and the parent that
+samples CPU per slice and reports are one benchmark, read together (what the scripts share
+is in ``_harness.py``).
 """
 
 from __future__ import annotations
@@ -140,20 +151,7 @@ def echo_loop(self: Any) -> None:
         return  # reset by a client at the end of a round
 
 
-class NoDelay:
-    """A layer setting TCP_NODELAY on each connection before the tls layer handshakes, as
-    asyncio does on every TCP socket. Without it, the first echo after a TLS 1.3 handshake
-    waits about 40 ms: the server's session tickets are still unacknowledged when the echo
-    is written, so Nagle holds it until the client's delayed ACK."""
-
-    def prepare_request(self, request: Any, client_address: Any) -> tuple[Any, Any]:
-        request, client_address = super().prepare_request(request, client_address)  # type: ignore[misc]
-        if not isinstance(request, tuple):
-            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return request, client_address
-
-
-def serve_sockserve(kind: str, scenario: str, cert: str, key: str, conns: int, nagle: bool) -> None:
+def serve_sockserve(kind: str, scenario: str, cert: str, key: str, conns: int) -> None:
     import sockserve
 
     options: dict[str, Any] = {"certfile": cert, "keyfile": key}
@@ -163,9 +161,7 @@ def serve_sockserve(kind: str, scenario: str, cert: str, key: str, conns: int, n
             options.update(inner="threadpool", threads=conns)
     elif scenario == "keepalive":
         options["threads"] = conns
-    # The first layer given sees the raw connection first: TCP_NODELAY, then TLS.
-    layers: list[Any] = ["tls"] if nagle else [NoDelay, "tls"]
-    cls = sockserve.compose("tcp", kind, layers=layers, options=options)
+    cls = sockserve.compose("tcp", kind, layers=["tls"], options=options)
     server = cls((h.HOST, 0), h.handler_class(sockserve, echo_loop))
     serving = h.ServingThread(server)
     h.announce_port(server.server_address[1])
@@ -364,8 +360,7 @@ def one_round(scenario: str, names: list[str], number: int, args: argparse.Names
     total = args.warmup + args.duration * len(names)
     lifetime = total + 2 * h.CHILD_GRACE
     servers = {n: h.Child(h.script_argv(__file__, "--serve", n, "--scenario", scenario, "--cert", cert,
-                                        "--key", key, "--lifetime", str(lifetime), "--conns", str(conns),
-                                        *(["--nagle"] if args.nagle else [])),
+                                        "--key", key, "--lifetime", str(lifetime), "--conns", str(conns)),
                           children, stderr_path=os.path.join(tmp, f"{scenario}.{n}.{number}.err"))
                for n in names}
     ports = h.read_ports(servers)
@@ -432,9 +427,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=4, help="threads per client process")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--json", help="write every round's figures here")
-    parser.add_argument("--nagle", action="store_true",
-                        help="leave Nagle's algorithm on in the sockserve servers (as the tls layer ships; "
-                             "by default the benchmark sets TCP_NODELAY there, as asyncio does)")
     for hidden in ("--serve", "--scenario", "--cert", "--key", "--client", "--start", "--stop"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     for hidden in ("--lifetime", "--first", "--conns"):
@@ -445,7 +437,7 @@ def main(argv: list[str]) -> int:
         if args.serve in ("asyncio", "uvloop"):
             serve_asyncio(args.serve, args.cert, args.key)
         else:
-            serve_sockserve(args.serve, args.scenario, args.cert, args.key, int(args.conns), args.nagle)
+            serve_sockserve(args.serve, args.scenario, args.cert, args.key, int(args.conns))
         return 0
     if args.client:
         client([int(p) for p in args.client.split(",")], args.scenario, args.cert, float(args.start),
@@ -467,11 +459,6 @@ def run(args: argparse.Namespace) -> int:
         cert, key = make_certificate(tmp)
         print(f"# {ssl.OPENSSL_VERSION}; certificate: self-signed ECDSA P-256 for IP 127.0.0.1 (openssl); "
               f"clients: TLS 1.3 only, certificate and IP verified, no session resumption")
-        print("# sockserve servers: " + (
-            "Nagle left on (--nagle: the tls layer as shipped; the first echo after a handshake can wait "
-            "for a delayed ACK)" if args.nagle else
-            "TCP_NODELAY set by a benchmark layer before tls (asyncio sets it on every TCP socket; "
-            "the tls layer does not: --nagle measures it as shipped)"))
         print(f"# client sockets: TCP_NODELAY (as curl and browsers); rounds={args.rounds} "
               f"duration={args.duration}s/server slice={args.slice}s "
               f"warmup={args.warmup}s clients={args.clients}x{args.threads} threads; "
@@ -579,8 +566,7 @@ def report(args: argparse.Namespace, names: list[str], results: dict[str, list[d
             json.dump({"args": vars(args), "results": results}, fh, indent=1)
     errors = sum(r[n]["errors"] for rounds in results.values() for r in rounds for n in names)
     print(h.summary_line(
-        f"TLS 1.3 ECDSA P-256, {args.rounds} rounds, {args.clients}x{args.threads} client threads, sockserve "
-        + ("Nagle on" if args.nagle else "TCP_NODELAY (benchmark layer)"), *sections,
+        f"TLS 1.3 ECDSA P-256, {args.rounds} rounds, {args.clients}x{args.threads} client threads", *sections,
         f"load generator {'SATURATED' if saturated_any else 'not saturated'}", f"errors {errors}"))
     return 1 if missed else 0
 
