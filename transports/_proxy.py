@@ -5,6 +5,10 @@ connections relayed by HAProxy ``send-proxy`` / ``send-proxy-v2``, by an AWS NLB
 stunnel... The header is parsed by ``_proxy_header.parse`` to the letter of HAProxy's
 ``proxy-protocol.txt``; this module reads it off the connection and decides.
 
+Charter (it may pass 400 lines): the layer itself, its options, the allow-list, reading
+the header off the connection within its deadline, the addresses the handler sees, and
+the refusals with their log throttle. Parsing belongs to ``_proxy_header``.
+
 - On the serving thread, ``verify_request`` checks the peer against ``allow`` (CIDRs,
   default loopback) before anything is read: a peer outside is refused with
   ``proxy-not-allowed``. A Unix-socket peer has no IP address and is allowed: whoever may
@@ -268,7 +272,22 @@ class ProxyLayer:
         if host is None:
             return True  # a Unix-socket peer: no IP to check
         allow = self.allow
-        if not _allowed_cached(host, allow if isinstance(allow, str) else tuple(allow)):
+        if isinstance(allow, str):
+            # Per server, the verdicts by host for this allow value: one dict lookup on
+            # the serving thread (the only thread that calls this).
+            known: tuple[str, dict[str, bool]] | None = self.__dict__.get("_proxy_allowed")
+            if known is None or known[0] is not allow:
+                known = self.__dict__["_proxy_allowed"] = (allow, {})
+            verdicts = known[1]
+            allowed = verdicts.get(host)
+            if allowed is None:
+                allowed = _allowed_cached(host, allow)
+                if len(verdicts) >= LOG_PEERS:
+                    verdicts.clear()
+                verdicts[host] = allowed
+        else:
+            allowed = _allowed_cached(host, tuple(allow))
+        if not allowed:
             raise self._proxy_refusal("proxy-not-allowed", client_address,
                                       f"{host} is not in allow={self.allow!r}")
         return True
@@ -279,15 +298,21 @@ class ProxyLayer:
         if isinstance(request, tuple):
             return request, client_address
         header = self._proxy_read(request, client_address)
-        address = header.source if header.proxied else client_address
-        return request, _proxied(address, header)
+        source = header.source
+        if header.command != "PROXY" or source is None:  # not header.proxied: the peer
+            source = client_address
+        if type(source) is tuple:  # the usual case, as _proxied() does it, less a call
+            proxied = tuple.__new__(ProxiedAddress, source)
+            proxied.proxy = header
+            return request, proxied
+        return request, _proxied(source, header)
 
     # -------------------------------------------------------------- reading
 
     def _proxy_read(self, sock: socket.socket, peer: Any) -> ProxyHeader:
         versions = _versions(self.versions)
         max_length = self.max_header_length
-        if _PEEK_NOW and sock.gettimeout() is None:  # (with a timeout, recv would wait first)
+        if _CAN_PEEK_NOW and sock.gettimeout() is None:  # (with a timeout, recv would wait first)
             # The usual case: the whole header is there already (the proxy sends it at
             # once): one peek without waiting, one read of exactly the header.
             try:
@@ -303,7 +328,7 @@ class ProxyLayer:
                     result = parse(chunk, versions, max_length)
                 except ProxyHeaderError as exc:
                     raise self._proxy_refusal(f"proxy-{exc.reason}", peer, str(exc)) from None
-                if isinstance(result, ProxyHeader):
+                if type(result) is ProxyHeader:
                     size = len(result.raw)
                     got = len(sock.recv(size))  # peeked: all there, read at once
                     if got != size:
@@ -384,8 +409,10 @@ class ProxyLayer:
         return throttle
 
 
-#: recv flags peeking without waiting (0 where MSG_DONTWAIT is missing: always wait).
-_PEEK_NOW = socket.MSG_PEEK | socket.MSG_DONTWAIT if hasattr(socket, "MSG_DONTWAIT") else 0
+#: recv flags peeking without waiting (0 where MSG_DONTWAIT is missing: always wait), as a
+#: plain int: socket's flags are IntFlag members, whose operators run Python code.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT) if hasattr(socket, "MSG_DONTWAIT") else 0
+_CAN_PEEK_NOW = _PEEK_NOW != 0
 
 
 @functools.lru_cache(maxsize=8)

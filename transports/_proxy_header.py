@@ -94,6 +94,11 @@ _IPV4 = rb"(" + _OCTET + rb"(?:\." + _OCTET + rb"){3})"
 _PORT = rb"(0|[1-9][0-9]{0,4})"
 #: A whole valid TCP4 line (but for ports above 65535, checked after).
 _V1_TCP4 = re.compile(rb"PROXY TCP4 " + _IPV4 + rb" " + _IPV4 + rb" " + _PORT + rb" " + _PORT + rb"\r\n")
+#: PROXY, TCP over IPv4, 12 address bytes and no TLV: the usual v2 header (28 bytes).
+_V2_TCP4 = SIGNATURE + b"\x21\x11\x00\x0c"
+_V2_INET = struct.Struct("!4s4sHH")
+_AF_INET = int(socket.AF_INET)
+_ntop = socket.inet_ntop
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _V1_CHARS = {b"TCP4": frozenset(b"0123456789. "), b"TCP6": frozenset(b"0123456789abcdefABCDEF: ")}
 
@@ -300,20 +305,28 @@ def parse(
     """
     if not data:
         return NeedMore(max(V1_MAX if 1 in versions else 0, max_length if 2 in versions else 0))
-    if data[0] == 0x50:  # "P"
+    first = data[0]
+    if first == 0x50:  # "P"
         fast = _V1_TCP4.match(data) if 1 in versions else None
         if fast is not None:  # the usual line in one step (the slow path agrees)
             s_host, d_host, s_port, d_port = fast.groups()
             sp, dp = int(s_port), int(d_port)  # ASCII digits only: the pattern says so
             if sp <= 0xFFFF and dp <= 0xFFFF:
+                raw = fast.group(0)
                 return ProxyHeader(1, "PROXY", "INET", "STREAM", (s_host.decode(), sp),
-                                   (d_host.decode(), dp), (), bytes(data[:fast.end()]))
+                                   (d_host.decode(), dp), (),
+                                   raw if type(raw) is bytes else bytes(raw))
         if not data.startswith(b"PROXY"[: len(data)]):
             raise _bad(f"not a PROXY header: {bytes(data[:8])!r}")
         if 1 not in versions and len(data) >= 5:
             raise ProxyHeaderError("version", "a version 1 header; version 1 is not enabled")
         return _parse_v1(data)
-    if data[0] == 0x0D:
+    if first == 0x0D:
+        if data[:16] == _V2_TCP4 and len(data) >= 28 and 2 in versions and max_length >= 28:
+            # The usual header (TCP over IPv4, no TLV) in one step (_parse_v2 agrees).
+            s, d, sp, dp = _V2_INET.unpack_from(data, V2_FIXED)
+            return ProxyHeader(2, "PROXY", "INET", "STREAM", (_ntop(_AF_INET, s), sp),
+                               (_ntop(_AF_INET, d), dp), (), bytes(data[:28]))
         n = min(len(data), len(SIGNATURE))
         if data[:n] != SIGNATURE[:n]:
             raise _bad(f"not a PROXY header: {bytes(data[:12])!r}")
@@ -430,17 +443,11 @@ def _ntop6(packed: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, packed)
 
 
-#: PROXY, TCP over IPv4, 12 address bytes and no TLV: the usual v2 header (28 bytes).
-_V2_TCP4 = SIGNATURE + b"\x21\x11\x00\x0c"
 
 
 def _parse_v2(data: bytes, max_length: int) -> ProxyHeader | NeedMore:
     if len(data) < V2_FIXED:
         return NeedMore(max_length - len(data))
-    if data.startswith(_V2_TCP4) and len(data) >= 28 and max_length >= 28:  # the slow path agrees
-        s, d, sp, dp = struct.unpack_from("!4s4sHH", data, V2_FIXED)
-        return ProxyHeader(2, "PROXY", "INET", "STREAM", (socket.inet_ntop(socket.AF_INET, s), sp),
-                           (socket.inet_ntop(socket.AF_INET, d), dp), (), bytes(data[:28]))
     ver_cmd, fam = data[12], data[13]
     if ver_cmd >> 4 != 2:
         raise ProxyHeaderError("version", f"v2: binary version {ver_cmd >> 4}, not 2")
@@ -474,7 +481,7 @@ def _v2_addresses(raw: bytes, fam: int, family: str) -> tuple[Any, Any]:
         return None, None
     at = V2_FIXED
     if family == "INET":
-        s, d, sp, dp = struct.unpack_from("!4s4sHH", raw, at)
+        s, d, sp, dp = _V2_INET.unpack_from(raw, at)
         return (socket.inet_ntop(socket.AF_INET, s), sp), (socket.inet_ntop(socket.AF_INET, d), dp)
     if family == "INET6":
         s, d, sp, dp = struct.unpack_from("!16s16sHH", raw, at)
