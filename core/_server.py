@@ -63,7 +63,9 @@ FIRST_BYTE_TIMEOUT = 10.0
 #: The options that make run_request count and time requests (None: off).
 LIMITS = ("idle_timeout", "request_timeout", "max_connections", "max_connections_per_ip")
 #: recv() flags of when_readable's look at a new connection: peek, never wait.
-_PEEK_NOW = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+#: Plain ints: operators on the IntFlag members run Python code on every connection.
+_PEEK_NOW = int(socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0))
+_CAN_PEEK_NOW = _PEEK_NOW != int(socket.MSG_PEEK)
 
 # poll() has no descriptor limit; select() is the fallback, as in the standard module.
 if hasattr(selectors, "PollSelector"):
@@ -423,7 +425,7 @@ class BaseServer:
             then(request, client_address)
             return
         try:
-            if _PEEK_NOW & ~socket.MSG_PEEK:
+            if _CAN_PEEK_NOW:
                 ready = request.recv(1, _PEEK_NOW)
             else:  # pragma: no cover - no MSG_DONTWAIT (Windows)
                 ready = b"" if select.select([request], [], [], 0)[0] else None
