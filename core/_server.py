@@ -269,6 +269,8 @@ class BaseServer:
         timeout = poll_timeout(poll_interval)
         room = state.waiting
         room.new[:] = room.entries  # connections left waiting by an earlier serve_forever
+        # The room's lists are changed in place, never replaced: locals stay true.
+        waiting_new, deadlines = room.new, room.deadlines
         # Locals save attribute lookups on every turn of the loop.
         poll = poller.poll
         handle = self._handle_request_noblock
@@ -280,11 +282,11 @@ class BaseServer:
                     poller.register(listen_fd, READ)
                 else:
                     poller.unregister(listen_fd)
-            if room.new:
-                for fd in room.new:
+            if waiting_new:
+                for fd in waiting_new:
                     poller.register(fd, READ)
-                room.new.clear()
-            ready = poll(room.poll_timeout(timeout) if room.deadlines else timeout)
+                waiting_new.clear()
+            ready = poll(room.poll_timeout(timeout) if deadlines else timeout)
             # bpo-35017: shutdown() may have been called during poll().
             if state.shutdown_request:
                 break
@@ -296,7 +298,7 @@ class BaseServer:
                     state.drain_wake()
                 else:
                     self._sockserve_readable(poller, fd)
-            if room.deadlines:
+            if deadlines:
                 self._sockserve_expire(poller)
             service_actions()
             if hooks.service_actions is not None:
