@@ -116,7 +116,6 @@ def serve(kind: str, lifetime: float) -> None:
     server = cls((h.HOST, 0), handler)
     serving = h.ServingThread(server)
     h.announce_port(server.server_address[1])
-    room = server._sockserve_state.waiting  # its seq counts the connections that waited
     start = [0.0]
     marks = [0, 0]
 
@@ -126,12 +125,12 @@ def serve(kind: str, lifetime: float) -> None:
     def on_mark() -> None:
         start[0] = h.cpu_seconds()
         counted[0] = next(served)
-        marks[:] = [room.seq, collections()]
+        marks[:] = [server.waited, collections()]
 
     h.serve_commands(on_mark)
     cpu = h.cpu_seconds() - start[0]
     done = next(served) - counted[0] - 1
-    waited, collected = room.seq - marks[0], collections() - marks[1]
+    waited, collected = server.waited - marks[0], collections() - marks[1]
     serving.stop()
     h.report({"cpu": cpu, "connections": done, "denied": dict(server.requests_denied),
               "waited": waited, "gc": collected})

@@ -73,6 +73,11 @@ class Server(Protocol):
         """Re-read certificates and the like (SIGHUP); False if some part kept its old state."""
         ...
 
+    @property
+    def waited(self) -> int:
+        """How many connections have waited in ``when_readable`` so far, in this process."""
+        ...
+
     def request_moved(self, request: Any) -> None:
         """The connection runs in another process now (it no longer counts here)."""
         ...

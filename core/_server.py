@@ -87,7 +87,8 @@ class ServerOptions:
     #: Seconds an accepted connection may wait for its first byte in the serve loop
     #: before it is closed (denied, ``first-byte``), for strategies that hand connections
     #: over only once readable (``when_readable``: threadpool and prefork, which set 10).
-    #: None waits as long as the client takes, holding a descriptor, not a thread.
+    #: None waits as long as the client takes, holding a descriptor, not a thread; 0
+    #: hands every connection over at once (no waiting room: the worker waits instead).
     first_byte_timeout: float | None = seconds(default=None)
     #: Seconds each read of a connection may wait (the socket timeout, the standard
     #: ``StreamRequestHandler.timeout`` semantics); a read that times out ends the
@@ -421,10 +422,10 @@ class BaseServer:
         sends its first byte or closes; one still silent after ``first_byte_timeout``
         seconds is denied (``first-byte``); at ``server_close()`` those still waiting
         are denied (``closing``). A connection with data already there, and a datagram
-        request, go to *then* at once.
+        request, go to *then* at once; so do all when ``first_byte_timeout`` is 0.
         """
-        if isinstance(request, tuple):
-            then(request, client_address)
+        if isinstance(request, tuple) or self.first_byte_timeout == 0:
+            then(request, client_address)  # 0: no waiting room, the worker waits
             return
         try:
             if _CAN_PEEK_NOW:
@@ -447,6 +448,12 @@ class BaseServer:
     def waiting(self) -> int:
         """How many accepted connections wait for their first byte (``when_readable``)."""
         return len(self._sockserve_state.waiting)
+
+    @property
+    def waited(self) -> int:
+        """How many connections have waited for their first byte so far, in this process
+        (those not readable when accepted)."""
+        return self._sockserve_state.waiting.seq
 
     @property
     def in_flight(self) -> tuple[Any, ...]:

@@ -117,9 +117,18 @@ def mod(request: pytest.FixtureRequest) -> Any:
 
 @contextlib.contextmanager
 def serving(server: Any, poll_interval: float = 0.05) -> Iterator[Any]:
-    """Run ``server.serve_forever`` in a thread; shut down, join and close on exit."""
+    """Run ``server.serve_forever`` in a thread; shut down, join and close on exit.
+
+    A prefork server's workers are all forked before this returns: a worker forked while
+    the test runs a subprocess would inherit that Popen's error pipe and hold its exec
+    report back (Popen then waits for the worker to exit).
+    """
+    workers = getattr(server, "workers", None) if hasattr(server, "worker_id") else None
+    before = child_pids() if isinstance(workers, int) else set()
     thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), daemon=True)
     thread.start()
+    if isinstance(workers, int):
+        wait_until(lambda: len(child_pids() - before) >= workers, timeout=10)
     try:
         yield server
     finally:

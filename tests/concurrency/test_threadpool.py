@@ -168,8 +168,12 @@ def test_shutdown_returns_promptly_while_the_pool_is_full():
     """A busy pool does not keep shutdown() waiting: in-flight requests are server_close()'s job."""
     gate = Gate()
     verified = Verified()
+    # first_byte_timeout=0: every accepted connection goes to the pool at once, so the
+    # pool's bound is what limits accepting (the waiting room would accept a client
+    # whose bytes have not arrived yet, and hold it apart from the pool).
     cls = sockserve.compose(
-        "tcp", "threadpool", plugins=[verified], options={"threads": 1, "backlog": 0}
+        "tcp", "threadpool", plugins=[verified],
+        options={"threads": 1, "backlog": 0, "first_byte_timeout": 0},
     )
     with no_leaks():
         server = cls(LOOPBACK, gate.handler())
@@ -207,8 +211,12 @@ def test_serve_forever_again_after_a_shutdown_with_a_busy_pool_keeps_the_bound()
     more than ``threads + backlog`` requests at once."""
     gate = Gate()
     verified = Verified()
+    # first_byte_timeout=0: every accepted connection goes to the pool at once, so the
+    # pool's bound is what limits accepting (the waiting room would accept a client
+    # whose bytes have not arrived yet, and hold it apart from the pool).
     cls = sockserve.compose(
-        "tcp", "threadpool", plugins=[verified], options={"threads": 1, "backlog": 0}
+        "tcp", "threadpool", plugins=[verified],
+        options={"threads": 1, "backlog": 0, "first_byte_timeout": 0},
     )
     with no_leaks():
         server = cls(LOOPBACK, gate.handler())

@@ -247,3 +247,32 @@ def test_first_byte_timeout_is_an_option_with_a_default_of_10_seconds(strategy):
     assert cls.first_byte_timeout == sockserve.FIRST_BYTE_TIMEOUT == 10.0
     with pytest.raises(sockserve.OptionError):
         sockserve.compose("tcp", strategy, options={"first_byte_timeout": -1})
+
+
+def test_first_byte_timeout_0_hands_every_connection_over_at_once():
+    """0 turns the waiting room off: a silent client takes a pool thread, as before."""
+    cls = sockserve.compose("tcp", "threadpool", options={"threads": 1, "first_byte_timeout": 0})
+    with serving(cls(LOOPBACK, EchoUpper)) as server:
+        with tcp_client(server) as silent:
+            time.sleep(0.2)
+            assert server.waiting == 0 and server.waited == 0
+            with tcp_client(server) as second:  # queued behind the silent one's thread
+                second.sendall(b"behind\n")
+                second.settimeout(0.5)
+                with pytest.raises(TimeoutError):
+                    second.recv(10)
+                silent.sendall(b"now\n")
+                assert read_to_eof(silent) == b"NOW\n"
+                second.settimeout(5)
+                assert read_to_eof(second) == b"BEHIND\n"
+
+
+def test_waited_counts_the_connections_that_waited():
+    cls = sockserve.compose("tcp", "threadpool", options={"threads": 2})
+    with serving(cls(LOOPBACK, EchoUpper)) as server:
+        with tcp_client(server) as a, tcp_client(server) as b:
+            assert wait_until(lambda: server.waiting == 2)
+            for client in (a, b):
+                client.sendall(b"x\n")
+                assert read_to_eof(client) == b"X\n"
+        assert server.waiting == 0 and server.waited == 2
