@@ -35,7 +35,7 @@ from sockserve.transports._tls import (
     TLSSocket,
     tls_options_from_flags,
 )
-from support import HAS_IPV6, missing, no_leaks, requires_af_unix, requires_fork, serving, wait_until
+from support import HAS_IPV6, child_pids, missing, no_leaks, requires_af_unix, requires_fork, serving, wait_until
 sys.path.insert(0, str(Path(__file__).parent))  # tls_support, beside this file
 from tls_support import (  # noqa: E402
     CURL,
@@ -402,13 +402,17 @@ def test_reload_reaches_the_workers_of_prefork(tmp_path):
             assert presented(tls) == der(c.server)
         shutil.copy(c.server_new, cert)
         shutil.copy(c.server_new_key, key)
-        server.reload()
+        old = child_pids()
+        assert len(old) == 2
+        assert server.reload() is True
+        # Both workers are replaced. Waiting for that before connecting also keeps a
+        # worker forked meanwhile (in this test process) from inheriting a client socket.
+        assert wait_until(lambda: len(child_pids()) == 2 and not child_pids() & old, timeout=10)
 
         def swapped() -> bool:
             with tls_connect(server.server_address) as tls:
                 return presented(tls) == der(c.server_new)
 
-        assert wait_until(swapped, timeout=5, interval=0.1)
         # Every worker was replaced: no connection meets the old certificate any more.
         assert all(swapped() for _ in range(20))
 
