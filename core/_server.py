@@ -5,8 +5,12 @@ prepare -> finish -> shut down) and error handling, as the standard ``socketserv
 documents them, the places where lifecycle hooks fire, and the strategy contract
 (DESIGN.md section 7: ``shutdown_requested``, ``pause_accepting``, ``in_flight``,
 ``cut_off``, ``after_fork``, ``call_hook``, ...) that concurrency strategies and layers are
-written against. The per-process serving state lives in ``_state.py``; sockets, addresses
-and families in ``transports/``; threads and processes in ``concurrency/``.
+written against, with the waiting room's hand-over (``when_readable``) and the limits'
+bookkeeping on the request path (``first_byte_timeout``, ``idle_timeout``,
+``request_timeout``, ``max_connections``, ``max_connections_per_ip``). The per-process
+serving state lives in ``_state.py``, the waiting room in ``_waiting.py``, the request
+deadline watcher and the connection counts in ``_limits.py``; sockets, addresses and
+families in ``transports/``; threads and processes in ``concurrency/``.
 
 It is one module of more than 400 lines because the documented lifecycle is one class:
 splitting ``BaseServer`` across modules would split the path every request takes.
