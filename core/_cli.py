@@ -6,13 +6,14 @@ import argparse
 import importlib
 import logging
 import os
+import platform
 import signal
 import socket
 import sys
 import threading
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ._errors import PluginClashWarning, PluginLoadError, SockserveError, UnknownPluginError
 from ._hooks import block_plugins
@@ -127,7 +128,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sockserve", description="Serve requests with sockserve, or list its plugins."
     )
-    parser.add_argument("--version", action="version", version=f"sockserve {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"sockserve {__version__} (Python {platform.python_version()})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="run a server (default: the upper-casing echo demo)")
     serve.add_argument("address", nargs="?", default=DEFAULT_ADDRESS,
@@ -146,6 +148,15 @@ def _build_parser() -> argparse.ArgumentParser:
                        "with no:NAME (repeatable)")
     serve.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                        help="set a server setting, e.g. drain_timeout=5 (repeatable)")
+    serve.add_argument("--workers", "-w", type=_worker_count, metavar="N",
+                       help="worker processes (prefork and others that declare workers; "
+                       "default $WEB_CONCURRENCY when set)")
+    serve.add_argument("--log-level", default="info", type=str.lower,
+                       choices=["debug", "info", "warning", "error", "critical"],
+                       help="lowest level logged (default info)")
+    serve.add_argument("--check-config", action="store_true",
+                       help="build the server (classes, options, TLS contexts, the bound "
+                       "socket) and exit 0, or 2 with the error, without serving")
     serve.add_argument("--tls-cert", metavar="FILE",
                        help="serve TLS with this PEM certificate chain (adds --layer tls)")
     serve.add_argument("--tls-key", metavar="FILE",
@@ -198,9 +209,18 @@ def _serve_address(args: argparse.Namespace, address: Any, implied: str | None) 
         **tls,  # --option certfile=... given too overrides the flag
     }
     server_class = with_options(base, settings)
-    options = parse_command_line_options(server_class, args.option, unknown_hint=option_declared_by)
+    option_texts = list(args.option)
+    if args.workers is not None:
+        option_texts.insert(0, f"workers={args.workers}")  # an explicit -o workers= wins
+    elif os.environ.get("WEB_CONCURRENCY") and "workers" in declared_option_names(server_class):
+        try:
+            option_texts.insert(0, f"workers={_worker_count(os.environ['WEB_CONCURRENCY'])}")
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"WEB_CONCURRENCY: {exc}") from None
+    options = parse_command_line_options(server_class, option_texts, unknown_hint=option_declared_by)
     server_class = with_options(server_class, options)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if isinstance(address, socket.socket):
         from_socket = getattr(server_class, "from_socket", None)
         if from_socket is None:
@@ -209,6 +229,14 @@ def _serve_address(args: argparse.Namespace, address: Any, implied: str | None) 
         server = from_socket(address, handler)  # a mismatch names both: exit 2
     else:
         server = server_class(address, handler)
+    if args.check_config:
+        try:
+            print(f"sockserve: configuration OK: {base.__name__} on {_show(server.server_address)} "
+                  f"with {handler.__module__}.{handler.__qualname__}; limits: {_limits(server)}",
+                  file=sys.stderr, flush=True)
+        finally:
+            server.server_close()
+        return 0
     # The stop handler stays installed until server_close() (the drain) has returned.
     stopping: list[int] = []
     installer = os.getpid()
@@ -349,9 +377,73 @@ def _plugins(out: Any = None) -> int:
     return 0
 
 
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} workers: at least 1")
+    return value
+
+
+def _environment_args(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``serve``'s flags from ``SOCKSERVE_<FLAG>`` variables (``SOCKSERVE_TLS_CERT``,
+    ``SOCKSERVE_WORKERS``...), for those the command line does not give: it wins.
+    Repeatable flags take several values separated by spaces (``SOCKSERVE_OPTION=
+    "threads=8 drain_timeout=5"``). A bad value is a usage error naming the variable."""
+    serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = serve.choices["serve"]
+    given = set()
+    for token in argv:
+        given.add(token.partition("=")[0])
+    extra: list[str] = []
+    by_variable: list[tuple[str, list[str]]] = []
+    for action in sub._actions:
+        longs = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+        if not longs:
+            continue
+        name = "SOCKSERVE_" + longs[0][2:].upper().replace("-", "_")
+        value = os.environ.get(name)
+        if value is None or given & set(action.option_strings):
+            continue
+        if action.nargs == 0:  # a switch: 1/true/yes/on
+            if value.strip().lower() in ("1", "true", "yes", "on"):
+                extra.append(longs[0])
+            elif value.strip().lower() not in ("0", "false", "no", "off", ""):
+                raise UsageError(f"environment variable {name}={value!r}: expected 1 or 0")
+            continue
+        values = value.split() if isinstance(action, argparse._AppendAction) else [value]
+        flags = [f"{longs[0]}={one}" for one in values]
+        by_variable.append((name, flags))
+        extra.extend(flags)
+    if by_variable:  # each checked alone, so that an error names its variable
+        check = _build_parser()
+        for action in check._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                action.choices["serve"].error = _raise_usage  # type: ignore[method-assign]
+        for name, flags in by_variable:
+            try:
+                check.parse_args(["serve", *flags])
+            except UsageError as exc:
+                raise UsageError(f"environment variable {name}={os.environ[name]!r}: {exc}") from None
+    return extra
+
+
+def _raise_usage(message: str) -> NoReturn:
+    raise UsageError(message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        try:
+            argv = ["serve", *_environment_args(parser, argv[1:]), *argv[1:]]
+        except UsageError as exc:
+            print(f"sockserve: error: {exc}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":

@@ -9,6 +9,7 @@ import importlib.metadata
 import re
 import shutil
 import signal
+import platform
 import socket
 import time
 import subprocess
@@ -322,7 +323,8 @@ def test_plugins_marks_one_that_fails_to_load_with_the_reason(tmp_path):
 def test_version_prints_the_distribution_version(tmp_path):
     result = run_cli("--version", cwd=tmp_path)
     assert result.returncode == 0
-    assert result.stdout.strip() == f"sockserve {VERSION}"
+    # With the Python version since issue 10 (it was "sockserve VERSION" alone).
+    assert result.stdout.strip() == f"sockserve {VERSION} (Python {platform.python_version()})"
     assert VERSION == sockserve.__version__
 
 
@@ -409,3 +411,69 @@ def test_serve_limit_turned_off_with_none_and_idle_clients_are_closed_at_idle_ti
     said = server.banner + rest
     assert "max_connections=none" in said and "idle_timeout=0.5s" in said
     assert "Traceback" not in said
+
+
+# --------------------------------------------------------------------------- containers (issue 10, item 3, first part)
+
+
+def test_check_config_builds_and_binds_then_exits_0_without_serving(tmp_path):
+    with socket.socket() as probe:  # a free port, then taken by the check and given back
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli("serve", f"127.0.0.1:{port}", "-c", "threadpool", "-o", "threads=3",
+                     "--check-config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"configuration OK: ThreadpoolTCPServer on 127.0.0.1:{port}" in result.stderr
+    assert "at most 3 handlers at once" in result.stderr
+    assert "serving on" not in result.stderr
+    with socket.socket() as again:  # released: nothing kept it
+        again.bind(("127.0.0.1", port))
+
+
+def test_check_config_reports_a_bad_option_with_exit_2(tmp_path):
+    result = run_cli("serve", "127.0.0.1:0", "-o", "drain_timeout=-1", "--check-config", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "drain_timeout" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_flag_also_from_a_sockserve_variable_and_the_command_line_wins(tmp_path):
+    env = clean_env(SOCKSERVE_CONCURRENCY="threadpool", SOCKSERVE_OPTION="threads=4 drain_timeout=3",
+                    SOCKSERVE_CHECK_CONFIG="1", SOCKSERVE_LOG_LEVEL="warning")
+    result = run_cli("serve", "127.0.0.1:0", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "ThreadpoolTCPServer" in result.stderr and "drain_timeout=3s" in result.stderr
+    assert "at most 4 handlers" in result.stderr
+    result = run_cli("serve", "127.0.0.1:0", "-c", "threading", "-o", "drain_timeout=1",
+                     cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "ThreadingTCPServer" in result.stderr and "drain_timeout=1s" in result.stderr
+
+
+def test_workers_from_w_or_web_concurrency(tmp_path):
+    result = run_cli("serve", "127.0.0.1:0", "-c", "prefork", "-w", "3", "--check-config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "at most 3 handlers at once, one per worker" in result.stderr
+    env = clean_env(WEB_CONCURRENCY="2")
+    result = run_cli("serve", "127.0.0.1:0", "-c", "prefork", "--check-config", cwd=tmp_path, env=env)
+    assert "at most 2 handlers at once, one per worker" in result.stderr, result.stderr
+    # A strategy without workers ignores WEB_CONCURRENCY, and refuses -w with a hint.
+    result = run_cli("serve", "127.0.0.1:0", "--check-config", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("serve", "127.0.0.1:0", "-w", "2", "--check-config", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown option 'workers'" in result.stderr and "--concurrency prefork" in result.stderr
+
+
+@pytest.mark.parametrize("env,args,says", [
+    ({"SOCKSERVE_WORKERS": "abc"}, ("-c", "prefork"), "environment variable SOCKSERVE_WORKERS='abc'"),
+    ({"SOCKSERVE_CHECK_CONFIG": "maybe"}, (), "environment variable SOCKSERVE_CHECK_CONFIG='maybe'"),
+    ({"SOCKSERVE_LOG_LEVEL": "loud"}, (), "environment variable SOCKSERVE_LOG_LEVEL='loud'"),
+    ({}, ("-c", "prefork", "-w", "-1"), "at least 1"),
+    ({"WEB_CONCURRENCY": "many"}, ("-c", "prefork"), "WEB_CONCURRENCY"),
+])
+def test_bad_values_from_the_environment_or_the_command_line_exit_2_naming_them(tmp_path, env, args, says):
+    check = () if "SOCKSERVE_CHECK_CONFIG" in env else ("--check-config",)  # never serve
+    result = run_cli("serve", "127.0.0.1:0", *args, *check, cwd=tmp_path, env=clean_env(**env))
+    assert result.returncode == 2
+    assert says in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
