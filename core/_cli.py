@@ -421,7 +421,7 @@ def _environment_args(parser: argparse.ArgumentParser, argv: list[str]) -> list[
         check = _build_parser()
         for action in check._actions:
             if isinstance(action, argparse._SubParsersAction):
-                action.choices["serve"].error = _raise_usage  # type: ignore[method-assign]
+                action.choices["serve"].error = _raise_usage
         for name, flags in by_variable:
             try:
                 check.parse_args(["serve", *flags])
