@@ -184,6 +184,17 @@ def read_to_eof(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def closed_by_server(client: socket.socket, within: float) -> bool:
+    """The server ended *client* (EOF or reset) within *within* seconds."""
+    client.settimeout(within)
+    try:
+        return client.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
 def exchange(server: Any, payload: bytes, tmp_path: Any = None) -> bytes:
     """Send *payload* and return the whole reply (stream: until EOF; datagram: one)."""
     with connect(server, tmp_path) as client:

@@ -16,6 +16,7 @@ import pytest
 
 import sockserve
 from support import (
+    closed_by_server,
     no_leaks,
     read_to_eof,
     requires_fork,
@@ -68,16 +69,6 @@ def silent_clients(stack: ExitStack, address, n: int) -> list[socket.socket]:
         client = stack.enter_context(socket.create_connection(address, timeout=10))
         clients.append(client)
     return clients
-
-
-def closed_by_server(client: socket.socket, within: float) -> bool:
-    client.settimeout(within)
-    try:
-        return client.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 def test_threadpool_serves_a_real_client_at_once_past_more_silent_ones_than_threads():

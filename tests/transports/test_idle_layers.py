@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 import sockserve
-from support import missing, no_leaks, serving, wait_until
+from support import closed_by_server, missing, no_leaks, serving, wait_until
 
 sys.path.insert(0, str(Path(__file__).parent))  # tls_support, proxy_support: beside this file
 import proxy_support as ps  # noqa: E402
@@ -158,17 +158,6 @@ def timed(layer: Layer, address: Any, line: bytes) -> float:
     took = time.monotonic() - start
     assert reply.startswith(layer.expected(line)) and reply.endswith(b" " + line.upper()), reply
     return took
-
-
-def closed_by_server(client: socket.socket, within: float) -> bool:
-    """The server ended *client* (EOF or reset) within *within* seconds."""
-    client.settimeout(within)
-    try:
-        return client.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 # ------------------------------------------------------------------------ silent clients
