@@ -1,4 +1,13 @@
-"""The command line: ``sockserve serve``, ``sockserve plugins``, ``sockserve --version``."""
+"""The command line: ``sockserve serve``, ``sockserve plugins``, ``sockserve --version``.
+
+What belongs here, and why it is one module of more than 400 lines: everything the command
+line adds on top of the library, read in one place: parsing (flags, ``SOCKSERVE_<FLAG>``
+variables, addresses including passed sockets), what ``sockserve serve`` turns on that the
+library leaves off (backlog, drain deadline, limits, the systemd plugin, the tls layer
+from ``--tls-cert``), the signals (stop, second stop, reload), the startup lines, and the
+``plugins`` listing. The library pieces it calls stay where they are: options in
+``_options``, activation in ``transports/_systemd``, TLS flags in ``transports/_tls``.
+"""
 
 from __future__ import annotations
 
