@@ -165,7 +165,9 @@ def test_max_children_bounds_the_children_running_at_once():
 def test_server_close_returns_at_once_without_block_on_close(tmp_path):
     class Slow(sockserve.BaseRequestHandler):
         def handle(self):
-            (tmp_path / "started").write_text(str(os.getpid()))
+            # Written whole, then renamed: the test must never read a file half written.
+            (tmp_path / "started.tmp").write_text(str(os.getpid()))
+            os.replace(tmp_path / "started.tmp", tmp_path / "started")
             time.sleep(0.5)
 
     class NonBlocking(sockserve.ForkingTCPServer):
