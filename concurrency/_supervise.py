@@ -176,7 +176,8 @@ class WorkerSlots:
 
     def _exited(self, pid: int, code: int) -> None:
         slot, started = self.children.pop(pid)
-        self.server.call_hook("worker_exit", worker_id=slot, status=code)
+        reason = "stop" if self.stopping else "crash" if code != 0 else "max_requests"
+        self.server.call_hook("worker_exit", worker_id=slot, status=code, reason=reason)
         if self.stopping:
             return
         if code != 0:

@@ -74,6 +74,7 @@ class HookRelay:
 
     __slots__ = ("_manager", "_class_plugins", "__weakref__", *HOOKS)
     # One per hook of hookspecs (tests/core/test_hooks.py keeps the two lists equal).
+    accept_error: HookCaller | None
     handle_error: HookCaller | None
     post_fork: HookCaller | None
     pre_fork: HookCaller | None
@@ -88,7 +89,9 @@ class HookRelay:
     server_closed: HookCaller | None
     service_actions: HookCaller | None
     verify_request: HookCaller | None
+    worker_abort: HookCaller | None
     worker_exit: HookCaller | None
+    worker_ready: HookCaller | None
 
     def __init__(self, manager: PluginManager, class_plugins: tuple[object, ...]) -> None:
         self._manager = manager

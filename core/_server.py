@@ -724,6 +724,8 @@ class BaseServer:
         return bool(verdict)
 
     def _sockserve_accept_failed(self, exc: OSError) -> None:
+        if self._sockserve_hooks.accept_error is not None:
+            call_hook(self, self._sockserve_hooks.accept_error, exc=exc)
         if isinstance(exc, DatagramTruncatedError):
             self.datagrams_truncated = getattr(self, "datagrams_truncated", 0) + 1
             try:

@@ -34,7 +34,10 @@ __all__ = [
     "sockserve_server_closed",
     "sockserve_pre_fork",
     "sockserve_post_fork",
+    "sockserve_worker_ready",
+    "sockserve_worker_abort",
     "sockserve_worker_exit",
+    "sockserve_accept_error",
 ]
 
 #: The pluggy project name; markers and the plugin manager share it.
@@ -259,7 +262,39 @@ def sockserve_post_fork(server: BaseServer, worker_id: int) -> None:
 
 
 @hookspec
-def sockserve_worker_exit(server: BaseServer, worker_id: int, status: int) -> None:
+def sockserve_worker_ready(server: BaseServer, worker_id: int, pid: int) -> None:
+    """React to a worker process having reported that it serves (``prefork`` strategy).
+
+    Fires in the parent's serving thread when the worker's report arrives over its pipe:
+    the worker ran ``sockserve_post_fork`` and entered its serve loop. A rolling reload
+    stops an old worker only after its replacement fired this. Every implementation runs.
+
+    :param server: the parent's server.
+    :param worker_id: the worker's slot.
+    :param pid: the worker's process id.
+    """
+
+
+@hookspec
+def sockserve_worker_abort(server: BaseServer, worker_id: int, pid: int) -> None:
+    """React to the parent aborting a stuck worker (``prefork`` strategy).
+
+    Fires in the parent's serving thread right after it sent SIGABRT to a worker whose
+    serve loop missed its heartbeat for ``timeout`` seconds (the worker writes every
+    thread's stack to its log and dies; SIGKILL follows 5 s later if it does not). The
+    worker's ``sockserve_worker_exit`` follows, with reason ``"timeout"``. Every
+    implementation runs.
+
+    :param server: the parent's server.
+    :param worker_id: the worker's slot.
+    :param pid: the worker's process id.
+
+    For alerting: a stuck worker is a bug in a handler.
+    """
+
+
+@hookspec
+def sockserve_worker_exit(server: BaseServer, worker_id: int, status: int, reason: str) -> None:
     """React to a worker process having exited (``prefork`` strategy).
 
     Fires in the parent's serving thread after the worker was reaped, whether it is
@@ -269,6 +304,30 @@ def sockserve_worker_exit(server: BaseServer, worker_id: int, status: int) -> No
     :param worker_id: the worker's slot.
     :param status: its exit code as ``os.waitstatus_to_exitcode`` gives it (negative:
         killed by that signal).
+    :param reason: why it exited, one of ``"max_requests"`` (recycled itself),
+        ``"timeout"`` (aborted as stuck), ``"crash"`` (failed, or exited unasked),
+        ``"reload"`` (replaced by a rolling reload), ``"scale"`` (one worker fewer,
+        SIGTTOU) and ``"stop"`` (the server is stopping).
+    """
+
+
+# --------------------------------------------------------------------------- accepting
+
+
+@hookspec
+def sockserve_accept_error(server: BaseServer, exc: OSError) -> None:
+    """React to ``get_request()`` having failed.
+
+    Fires in the serving thread, for every failed ``accept()`` (``EMFILE`` and the other
+    resource errors the server backs off from, and ``ECONNABORTED`` and the like it
+    ignores) and for a datagram dropped as too long (``sockserve.DatagramTruncatedError``).
+    The server handles the error as it would without the hook. Every implementation runs;
+    it costs nothing while accepting succeeds.
+
+    :param server: the server.
+    :param exc: the error; ``exc.errno`` names it.
+
+    For metrics. Must not block.
     """
 
 

@@ -752,7 +752,7 @@ def exploding_plugin(hook: str) -> Plugin:
         "sockserve_handle_error": lambda server, request, client_address, exc: boom(),
         "sockserve_pre_fork": lambda server, worker_id: boom(),
         "sockserve_post_fork": lambda server, worker_id: boom(),
-        "sockserve_worker_exit": lambda server, worker_id, status: boom(),
+        "sockserve_worker_exit": lambda server, worker_id, status, reason: boom(),
     }
     return Plugin(**{hook: sockserve.hookimpl(signatures[hook])})
 

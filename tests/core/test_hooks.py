@@ -59,6 +59,10 @@ HOOK_NAMES = [
     "sockserve_pre_fork",
     "sockserve_post_fork",
     "sockserve_worker_exit",
+    # Added by issue 10: supervision and metrics.
+    "sockserve_worker_ready",
+    "sockserve_worker_abort",
+    "sockserve_accept_error",
 ]
 
 
