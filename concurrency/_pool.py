@@ -57,6 +57,22 @@ class ThreadPool:
         for thread in self._threads:
             thread.start()
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a thread now (read-only; for metrics, any thread)."""
+        return self._requests.qsize()
+
+    @property
+    def busy(self) -> int:
+        """Threads running a request now (read-only; for metrics, any thread).
+
+        Derived from the two queues, so that the request path pays nothing for it: while
+        requests wait every thread is busy, otherwise each place taken is a running one.
+        """
+        if self._requests.qsize():
+            return self._size
+        return min(self._size, self._size + self._backlog - self._room.qsize())
+
     def submit(self, request: Any, client_address: Any) -> None:
         """Queue a request (serving thread); pause accepting when that filled the pool.
 

@@ -79,6 +79,18 @@ class ThreadpoolMixIn(_ServerClass):
             pool = self._pool = ThreadPool(self, self.threads, self.backlog, self.daemon_threads)
         return pool
 
+    @property
+    def threads_busy(self) -> int:
+        """Pool threads running a request now, in this process (0 before the first one)."""
+        pool = self._pool
+        return 0 if pool is None else pool.busy
+
+    @property
+    def requests_queued(self) -> int:
+        """Accepted requests waiting for a pool thread now, in this process."""
+        pool = self._pool
+        return 0 if pool is None else pool.queued
+
     def process_request(self, request: Any, client_address: Any) -> None:
         """Queue the request for the pool once it is readable (``when_readable``)."""
         self.when_readable(request, client_address, self._threadpool().submit)

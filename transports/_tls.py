@@ -91,6 +91,10 @@ class TLSSocket(ssl.SSLSocket):
     sni: str | None = None
     #: The handshake completed (closing then sends close_notify).
     established: bool = False
+    #: Seconds the layer's handshake took once it completed: from the layer's start (the
+    #: wait for the ClientHello included, as ``handshake_timeout`` counts it) to the end of
+    #: ``do_handshake()``; None before. The ``stats`` plugin's handshake histogram.
+    handshake_time: float | None = None
 
 
 # --------------------------------------------------------------------------- options
@@ -414,7 +418,8 @@ class TLSLayer(_ServerClass):
         if isinstance(request, tuple):
             return request, client_address
         limit = self.handshake_timeout
-        deadline = time.monotonic() + limit
+        started = time.monotonic()
+        deadline = started + limit
         previous = request.gettimeout()
         _check_first_bytes(request, client_address, limit)
         if request.family in _TCP_FAMILIES:
@@ -441,6 +446,7 @@ class TLSLayer(_ServerClass):
             raise LayerError(reason, client_address, detail, request=tls) from None
         if isinstance(tls, TLSSocket):
             tls.established = True
+            tls.handshake_time = time.monotonic() - started
         tls.settimeout(previous)
         if self.alpn_required and tls.selected_alpn_protocol() is None:
             raise LayerError("tls-alpn", client_address, "no ALPN protocol in common with the client",
