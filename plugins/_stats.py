@@ -1,59 +1,264 @@
-"""The ``stats`` plugin: request counters and a duration histogram per server.
+"""The ``stats`` plugin: what a server did, counted for every strategy, as metrics.
 
-Opt-in by name. Counts are kept in memory shared across forked children, so they are
-complete for every strategy: ``accepted`` (past accept), ``denied`` (refused after
-accept: by ``verify_request`` or a plugin, by a layer, or dropped unrun at close),
-``finished`` (handler returned), ``failed`` (handler raised). ``Stats.snapshot(server)``
-reads them from Python; once the server has closed and drained
-(``sockserve_server_closed``), one summary line is logged on ``sockserve.stats``
-(``sockserve serve`` prints it on exit).
+What belongs here: the plugin's hook implementations (counting into shared memory),
+publishing this process's gauges, the prefork supervisor's view of its workers, the
+``snapshot()`` and summary line of the plugin's first version, and ``Stats`` instances
+that serve ``/metrics`` (``_prometheus``) or push to statsd (``_statsd``). The metric table
+and the text format are ``_metrics``.
+
+Opt-in by name (``--plugin stats``, ``compose(..., plugins=[STATS])``), or as an instance
+with a side listener: ``Stats(metrics_address=("127.0.0.1", 9100))``.
+
+How the counts stay right across processes (``SharedCounters``): the counters are made at
+``sockserve_server_activate``, before any worker is forked; every process adds to its own
+row; a dead process's row is reused with its counts kept, so no counter goes backwards and
+the memory is fixed. Gauges (connections active, pool threads busy, queue depth) are
+values each process sets for itself, from its serving thread's ``service_actions`` at most
+every ``GAUGE_INTERVAL`` seconds and when it scrapes; only live processes count. The
+workers-by-state gauge is the supervisor's own bookkeeping of the prefork hooks.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import logging
+import os
+import socket
 import threading
 import time
+import weakref
 from collections.abc import Generator
-from typing import Any
+from typing import Any, Final
 
-from ..core import SharedCounters, hookimpl, plugin_state
+from .. import __version__
+from ..core import DatagramTruncatedError, SharedCounters, hookimpl, plugin_state
+from . import _metrics as m
+from ._prometheus import MetricsListener, parse_metrics_address, register_source
+from ._statsd import INTERVAL, StatsdEmitter
 
-__all__ = ["Stats", "STATS", "BUCKETS"]
+__all__ = ["BUCKETS", "GAUGE_INTERVAL", "STATS", "Stats", "stats_from_flags"]
 
-#: Upper bounds of the duration histogram's buckets, in seconds (the last bucket is
-#: everything slower). Decades from 100 µs to 10 s: request times in a socket server span
-#: that range, and a decade per bucket keeps the summary one readable line.
-BUCKETS = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
+BUCKETS = m.BUCKETS
+#: Seconds between two publications of a process's gauges from its serve loop: often
+#: enough for a scrape every second, rare enough to cost the loop nothing measurable.
+GAUGE_INTERVAL: Final = 0.05
 COUNTERS = ("accepted", "denied", "finished", "failed")
-#: The histogram's counters: one per bucket, the last one for "slower".
-_BUCKET_NAMES = tuple(f"bucket{i}" for i in range(len(BUCKETS) + 1))
+
+_CELLS = m.counter_cells()
+_GAUGES = m.gauge_cells()
+ACCEPTED = m.cell("sockserve_connections_accepted_total")
+ACTIVE = m.cell("sockserve_connections_active")
+BUSY = m.cell("sockserve_pool_threads_busy")
+QUEUED = m.cell("sockserve_pool_queue_depth")
+TRUNCATED = m.cell("sockserve_datagrams_truncated_total")
+_OUTCOME = {o: m.cell("sockserve_requests_total", o) for o in m.REQUEST_OUTCOMES}
+_REQUEST = "sockserve_request_duration_seconds"
+_TLS = "sockserve_tls_handshake_duration_seconds"
+_REQUEST_BUCKETS = tuple(m.bucket_cell(_REQUEST, i) for i in range(len(m.BUCKETS) + 1))
+_TLS_BUCKETS = tuple(m.bucket_cell(_TLS, i) for i in range(len(m.TLS_BUCKETS) + 1))
+_SOCKET = socket.socket
+#: Deny reason -> the cells it adds to, learnt as reasons come (bounded: a third-party
+#: layer's reasons are words in its code, and the map is cleared past this many).
+_DENIED_CACHE: dict[str, tuple[tuple[str, int], ...]] = {}
+_DENIED_CACHE_MAX: Final = 256
+
+#: Forks seen by this process: a process publishes its gauges once in each generation.
+_generation = 0
+
+
+def _denied_cells(reason: str) -> tuple[tuple[str, int], ...]:
+    found = _DENIED_CACHE.get(reason)
+    if found is None:
+        label = m.rejected_reason(reason)
+        cells = [(m.cell("sockserve_connections_rejected_total", label), 1)]
+        if label == "tls":
+            cells.append((m.cell("sockserve_tls_handshake_failures_total", m.tls_failure(reason)), 1))
+        elif label == "proxy":
+            cells.append((m.cell("sockserve_proxy_header_failures_total", m.proxy_failure(reason)), 1))
+        if len(_DENIED_CACHE) >= _DENIED_CACHE_MAX:
+            _DENIED_CACHE.clear()
+        found = _DENIED_CACHE[reason] = tuple(cells)
+    return found
+
+
+def _layer_cells(request: Any, client_address: Any) -> list[tuple[str, int]]:
+    """What the layers did for this connection: a TLS handshake's time, a PROXY header."""
+    cells: list[tuple[str, int]] = []
+    took = getattr(request, "handshake_time", None) if request.__class__ is not _SOCKET else None
+    if took is not None:
+        cells.append((_TLS_BUCKETS[bisect.bisect_left(m.TLS_BUCKETS, took)], 1))
+        cells.append((f"{_TLS}|sum_ns", int(took * 1e9)))
+    if client_address.__class__ is not tuple:
+        header = getattr(client_address, "proxy", None)
+        series = None if header is None else m.proxy_series(header.version, header.command)
+        if series is not None:
+            cells.append((m.cell("sockserve_proxy_headers_total", *series), 1))
+    return cells
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class _ServerStats:
+    """One server's counters, and (in the supervisor) its workers by state."""
+
+    def __init__(self) -> None:
+        self.counters = SharedCounters(_CELLS, gauges=_GAUGES)
+        self.starting: collections.Counter[int] = collections.Counter()  # slot -> forked
+        self.ready: dict[int, int] = {}  # pid -> slot
+        self.aborting: dict[int, int] = {}  # pid -> slot
+        self.generation = -1  # the fork generation whose gauges this process published
+        self.next_publish = 0.0
+
+    def publish(self, server: Any) -> None:
+        """Set this process's gauges from *server* (its serving thread, or a scrape)."""
+        queued = getattr(server, "requests_queued", 0)
+        counters = self.counters
+        counters.set(ACTIVE, len(server.in_flight) + server.waiting + queued)
+        counters.set(BUSY, getattr(server, "threads_busy", 0))
+        counters.set(QUEUED, queued)
+        self.generation = _generation
+        self.next_publish = time.monotonic() + GAUGE_INTERVAL
+
+    def workers(self) -> dict[tuple[str, ...], int]:
+        return {("starting",): sum(self.starting.values()), ("ready",): len(self.ready),
+                ("aborting",): len(self.aborting)}
+
+    def worker_exited(self, slot: int) -> None:
+        # worker_exit names the slot, not the pid: during a rolling reload a slot has an
+        # old and a new worker. The one that exited is the one no longer alive (reaped).
+        for table in (self.aborting, self.ready):
+            for pid, owner in list(table.items()):
+                if owner == slot and not _alive(pid):
+                    del table[pid]
+                    return
+        if self.starting[slot] > 0:
+            self.starting[slot] -= 1
 
 
 class Stats:
-    """Count requests by outcome and time them; see the module docstring."""
+    """Count connections and requests by outcome and time them; see the module docstring.
+
+    :param logger: where the summary line goes at close (default ``sockserve.stats``).
+    :param metrics_address: serve ``GET /metrics`` (Prometheus text 0.0.4) on this
+        ``(host, port)`` or ``"HOST:PORT"``, bound now: a busy address raises here.
+    :param statsd_address: also push the metrics to a statsd server there (UDP).
+    :param statsd_interval: seconds between statsd flushes.
+    :param statsd_prefix: the first part of every statsd key.
+    :raises BindError: *metrics_address* cannot be bound; nothing is left open.
+    :raises AddressError: an address has none of the accepted shapes.
+    """
 
     sockserve_autoload = False
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(self, logger: logging.Logger | None = None, *,
+                 metrics_address: tuple[str, int] | str | None = None,
+                 statsd_address: tuple[str, int] | str | None = None,
+                 statsd_interval: float = INTERVAL, statsd_prefix: str = "sockserve") -> None:
         self.logger = logger or logging.getLogger("sockserve.stats")
         self._local = threading.local()
+        self._servers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._listener: MetricsListener | None = None
+        self._statsd: StatsdEmitter | None = None
+        if isinstance(statsd_address, str):
+            statsd_address = parse_metrics_address(statsd_address)
+        if statsd_address is not None:
+            self._statsd = StatsdEmitter(statsd_address, self.families, interval=statsd_interval,
+                                         prefix=statsd_prefix)
+        if isinstance(metrics_address, str):
+            metrics_address = parse_metrics_address(metrics_address)
+        if metrics_address is not None:
+            self._listener = MetricsListener(metrics_address, self.render)
 
-    def _counters(self, server: Any) -> SharedCounters:
-        # Kept per server with the public helpers a third-party plugin would use: made at
-        # activation, before any child is forked, so that forked children add to it.
-        return plugin_state(server, self, lambda: SharedCounters(COUNTERS + _BUCKET_NAMES))
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """The bound ``(host, port)`` of the ``/metrics`` listener (the real port when 0
+        was asked for); None without one."""
+        return None if self._listener is None else self._listener.address
+
+    def _state(self, server: Any) -> _ServerStats:
+        # Made at activation, before any child is forked, so that forked children add to it.
+        return plugin_state(server, self, _ServerStats)
+
+    def families(self, server: Any = None) -> list[m.Family]:
+        """The metric families of *server*, or summed over every server this counts."""
+        servers = [server] if server is not None else list(self._servers)
+        values: collections.Counter[str] = collections.Counter()
+        workers: collections.Counter[tuple[str, ...]] = collections.Counter()
+        for one in servers:
+            state = self._state(one)
+            state.publish(one)  # this process's gauges as of now
+            values.update(state.counters.snapshot())
+            workers.update(state.workers())
+        return m.families(values, {"sockserve_workers": workers}, __version__)
+
+    def render(self, server: Any = None) -> bytes:
+        """The metrics as Prometheus text exposition format 0.0.4 (``m.CONTENT_TYPE``)."""
+        return m.render(self.families(server))
 
     def snapshot(self, server: Any) -> dict[str, Any]:
-        """Return the counters and the histogram (bucket upper bound -> count) of *server*."""
-        values = self._counters(server).snapshot()
-        histogram = dict(zip((*BUCKETS, float("inf")), (values[n] for n in _BUCKET_NAMES)))
-        return {**{name: values[name] for name in COUNTERS}, "durations": histogram}
+        """Return the counters and the histogram (bucket upper bound -> count) of *server*:
+        ``accepted``, ``denied``, ``finished`` (handler returned), ``failed`` (raised)."""
+        values = self._state(server).counters.snapshot()
+        denied = sum(values[m.cell("sockserve_connections_rejected_total", r)]
+                     for r in m.REJECTED_VALUES)
+        histogram = dict(zip((*BUCKETS, float("inf")), (values[c] for c in _REQUEST_BUCKETS)))
+        return {"accepted": values[ACCEPTED], "denied": denied, "finished": values[_OUTCOME["ok"]],
+                "failed": values[_OUTCOME["error"]] + values[_OUTCOME["timeout"]],
+                "durations": histogram}
+
+    def close(self) -> None:
+        """Close the ``/metrics`` listener and stop statsd (after a last flush)."""
+        if self._listener is not None:
+            self._listener.close()
+        if self._statsd is not None:
+            self._statsd.close()
+
+    # ------------------------------------------------------------------ lifecycle
 
     @hookimpl
     def sockserve_server_activate(self, server: Any) -> None:
-        self._counters(server)  # create the shared memory before any child is forked
+        self._state(server)  # the shared memory, before any child is forked
+        self._servers.add(server)
+        register_source(server, self)
+        if self._listener is not None:
+            self._listener.start()
+        if self._statsd is not None:
+            self._statsd.start()
+
+    @hookimpl
+    def sockserve_server_closed(self, server: Any) -> None:
+        self._servers.discard(server)
+        if not self._servers:
+            self.close()
+        snap = self.snapshot(server)
+        histogram = " ".join(
+            f"<={bound * 1000:g}ms:{n}" if bound != float("inf") else f"slower:{n}"
+            for bound, n in snap["durations"].items()
+        )
+        self.logger.info(
+            "%s: accepted %d, denied %d, finished %d, failed %d; durations %s",
+            type(server).__name__, snap["accepted"], snap["denied"], snap["finished"],
+            snap["failed"], histogram,
+        )
+
+    @hookimpl
+    def sockserve_service_actions(self, server: Any) -> None:
+        state = self._state(server)
+        if state.generation != _generation or time.monotonic() >= state.next_publish:
+            state.publish(server)
+
+    # ------------------------------------------------------------------ per request
 
     @hookimpl(wrapper=True)
     def sockserve_verify_request(
@@ -64,43 +269,99 @@ class Stats:
         verdict = yield
         if verdict is None:
             verdict = bool(server.verify_request(request, client_address))
-        self._counters(server).add("accepted")
+        self._state(server).counters.add(ACCEPTED)
         return verdict
 
     @hookimpl
-    def sockserve_request_denied(self, server: Any) -> None:
-        self._counters(server).add("denied")
+    def sockserve_request_denied(self, server: Any, request: Any, client_address: Any,
+                                 reason: str) -> None:
+        cells = _denied_cells(reason)
+        if request.__class__ is not _SOCKET or client_address.__class__ is not tuple:
+            cells = (*cells, *_layer_cells(request, client_address))
+        self._state(server).counters.add_many(cells)
 
     @hookimpl
-    def sockserve_request_start(self) -> None:
-        self._local.started = time.perf_counter()
+    def sockserve_request_start(self, server: Any, request: Any, client_address: Any) -> None:
+        local = self._local
+        local.layers = (_layer_cells(request, client_address) if request.__class__ is not _SOCKET
+                        or client_address.__class__ is not tuple else None)
+        state = self._state(server)
+        if state.generation != _generation:
+            state.publish(server)  # a forked child (forking strategy) that runs no loop
+        local.started = time.perf_counter()
 
     @hookimpl
     def sockserve_request_finish(self, server: Any, exc: BaseException | None) -> None:
-        counters = self._counters(server)
-        started = getattr(self._local, "started", None)
-        counters.add("finished" if exc is None else "failed")
-        if started is not None:
-            bucket = bisect.bisect_left(BUCKETS, time.perf_counter() - started)
-            counters.add(_BUCKET_NAMES[bucket])
+        took = time.perf_counter() - getattr(self._local, "started", 0.0)
+        if exc is None:
+            outcome = _OUTCOME["ok"]
+        else:
+            outcome = _OUTCOME["timeout" if isinstance(exc, TimeoutError) else "error"]
+        cells = [(outcome, 1), (_REQUEST_BUCKETS[bisect.bisect_left(BUCKETS, took)], 1),
+                 (f"{_REQUEST}|sum_ns", int(took * 1e9))]
+        layers = getattr(self._local, "layers", None)
+        if layers:
+            cells += layers
+            self._local.layers = None
+        self._state(server).counters.add_many(cells)
 
     @hookimpl
-    def sockserve_server_closed(self, server: Any) -> None:
-        snap = self.snapshot(server)
-        histogram = " ".join(
-            f"<={bound * 1000:g}ms:{n}" if bound != float("inf") else f"slower:{n}"
-            for bound, n in snap["durations"].items()
-        )
-        self.logger.info(
-            "%s: accepted %d, denied %d, finished %d, failed %d; durations %s",
-            type(server).__name__,
-            snap["accepted"],
-            snap["denied"],
-            snap["finished"],
-            snap["failed"],
-            histogram,
-        )
+    def sockserve_accept_error(self, server: Any, exc: OSError) -> None:
+        if isinstance(exc, DatagramTruncatedError):
+            cell = TRUNCATED
+        else:
+            cell = m.cell("sockserve_accept_errors_total", m.accept_errno(exc.errno))
+        self._state(server).counters.add(cell)
 
+    # ------------------------------------------------------------------ prefork supervisor
+
+    @hookimpl
+    def sockserve_pre_fork(self, server: Any, worker_id: int) -> None:
+        self._state(server).starting[worker_id] += 1
+
+    @hookimpl
+    def sockserve_worker_ready(self, server: Any, worker_id: int, pid: int) -> None:
+        state = self._state(server)
+        if state.starting[worker_id] > 0:
+            state.starting[worker_id] -= 1
+        state.ready[pid] = worker_id
+
+    @hookimpl
+    def sockserve_worker_abort(self, server: Any, worker_id: int, pid: int) -> None:
+        state = self._state(server)
+        state.ready.pop(pid, None)
+        state.aborting[pid] = worker_id
+
+    @hookimpl
+    def sockserve_worker_exit(self, server: Any, worker_id: int, reason: str) -> None:
+        state = self._state(server)
+        state.worker_exited(worker_id)
+        restart = m.restart_reason(reason)
+        if restart is not None:
+            state.counters.add(m.cell("sockserve_worker_restarts_total", restart))
+
+
+def stats_from_flags(metrics: str | None, statsd: str | None = None) -> Stats | None:
+    """The ``Stats`` plugin ``sockserve serve --metrics HOST:PORT [--statsd HOST:PORT]``
+    asks for, its ``/metrics`` listener bound now; None when neither flag is given.
+
+    :raises AddressError: a value has none of the shapes ``HOST:PORT``, ``[IPV6]:PORT``,
+        ``PORT``.
+    :raises BindError: the metrics address is busy (or cannot be bound); nothing is left
+        open.
+    """
+    if metrics is None and statsd is None:
+        return None
+    return Stats(metrics_address=metrics, statsd_address=statsd)
+
+
+def _after_fork_in_child() -> None:
+    global _generation
+    _generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 #: The instance the ``stats`` entry point names.
 STATS = Stats()
