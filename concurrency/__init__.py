@@ -12,10 +12,15 @@ from ._drain import (
     stop_processes,
     wait_threads,
 )
-from ._supervise import (
+from ._slots import (
     RESPAWN_DELAY,
-    STOP_SIGNALS,
+    SupervisionOptions,
+    WorkerBootError,
     WorkerSlots,
+    WorkerStatus,
+)
+from ._supervise import (
+    STOP_SIGNALS,
     exit_child,
     fork_worker,
     reuse_port_socket,
@@ -27,8 +32,11 @@ __all__ = [
     "CUT_OFF_GRACE",
     "RESPAWN_DELAY",
     "STOP_SIGNALS",
+    "SupervisionOptions",
     "TERMINATE_GRACE",
+    "WorkerBootError",
     "WorkerSlots",
+    "WorkerStatus",
     "drain_deadline",
     "exit_child",
     "fork_worker",

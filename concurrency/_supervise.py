@@ -9,9 +9,7 @@ prefork is made of them, and so can a third party's process pool be:
 - ``stop_on_signals(server)``: SIGTERM and SIGINT become a graceful ``shutdown()``, a
   second one ends the drain at once; in a worker, the drain deadline also cuts off what
   is still in flight, so a blocked handler returns before the parent has to kill it.
-- ``WorkerSlots``: a fixed number of worker slots kept filled: reaps and reports exited
-  workers (``sockserve_worker_exit``), replaces them (after ``RESPAWN_DELAY`` if they died
-  young), stops them all (SIGTERM, the drain deadline, SIGKILL).
+- ``WorkerSlots`` (in ``_slots``): the parent's supervision of its worker slots.
 - ``reuse_port_socket(server)``: a worker's own ``SO_REUSEPORT`` socket instead of the
   shared one.
 - ``with_inner_strategy(cls, name, above)``: *cls* with another strategy composed in below
@@ -26,17 +24,13 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ..core import Server, registry
-from ._drain import drain_deadline, reap, stop_processes
 
 __all__ = [
-    "RESPAWN_DELAY",
     "STOP_SIGNALS",
-    "WorkerSlots",
     "exit_child",
     "fork_worker",
     "reuse_port_socket",
@@ -48,9 +42,6 @@ log = logging.getLogger("sockserve")
 
 #: The signals that stop a server (and each of its workers) gracefully.
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-#: A worker that fails sooner than this after its fork is replaced only after this delay,
-#: so a worker that crashes at start-up does not become a fork loop.
-RESPAWN_DELAY = 1.0
 
 
 def exit_child(body: Callable[[], int]) -> NoReturn:
@@ -136,74 +127,6 @@ def stop_on_signals(server: Server, *, worker: bool = False) -> Callable[[], Non
             signal.signal(sig, handler)
 
     return restore
-
-
-class WorkerSlots:
-    """*count* worker slots of *server*, each filled by ``start(slot) -> pid``.
-
-    ``fill()`` starts them; ``supervise()`` (from ``service_actions``) reaps exited
-    workers, reports each (``sockserve_worker_exit``, a warning for a failure) and starts
-    a replacement in its slot; ``stop()`` sends every worker SIGTERM and waits until the
-    drain deadline, then SIGKILL. ``sockserve_pre_fork`` fires before each start.
-    """
-
-    def __init__(self, server: Server, count: int, start: Callable[[int], int]) -> None:
-        self.server, self.count, self._start = server, count, start
-        #: pid -> (slot, monotonic start time) of the running workers.
-        self.children: dict[int, tuple[int, float]] = {}
-        self._due: list[tuple[float, int]] = []  # (monotonic time, slot) to restart
-        self.stopping = False
-
-    def fill(self) -> None:
-        """Start a worker in every slot."""
-        for slot in range(self.count):
-            self._spawn(slot)
-
-    def _spawn(self, slot: int) -> None:
-        self.server.call_hook("pre_fork", worker_id=slot)
-        self.children[self._start(slot)] = (slot, time.monotonic())
-
-    def supervise(self) -> None:
-        """Reap exited workers and start the replacements that are due."""
-        for pid, code in reap(set(self.children)):
-            self._exited(pid, code)
-        now = time.monotonic()
-        due = [slot for t, slot in self._due if t <= now]
-        if due and not self.stopping:
-            self._due = [(t, s) for t, s in self._due if t > now]
-            for slot in due:
-                self._spawn(slot)
-
-    def _exited(self, pid: int, code: int) -> None:
-        slot, started = self.children.pop(pid)
-        reason = "stop" if self.stopping else "crash" if code != 0 else "max_requests"
-        self.server.call_hook("worker_exit", worker_id=slot, status=code, reason=reason)
-        if self.stopping:
-            return
-        if code != 0:
-            log.warning("worker %d (pid %d) exited with status %d; replacing it", slot, pid, code)
-        young = code != 0 and time.monotonic() - started < RESPAWN_DELAY
-        self._due.append((time.monotonic() + (RESPAWN_DELAY if young else 0.0), slot))
-
-    def replace(self) -> None:
-        """Ask every worker to stop gracefully (SIGTERM: it drains its requests); each is
-        replaced by a new one forked from the server as it is now (after a reload, with
-        the new certificates). Any thread. The others accept meanwhile; with one worker
-        the listen backlog holds new clients until its replacement runs."""
-        for pid in list(self.children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:  # exited meanwhile: supervise() replaces it
-                pass
-
-    def stop(self) -> int:
-        """Stop every worker (SIGTERM, then SIGKILL at the drain deadline); return how
-        many had to be killed."""
-        self.stopping = True
-        if not self.children:
-            return 0
-        return stop_processes(self.server, set(self.children), drain_deadline(self.server),
-                              term_first=True, on_exit=self._exited)
 
 
 def reuse_port_socket(server: Any) -> None:
