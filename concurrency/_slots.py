@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +76,8 @@ WORKER_TIMEOUT = 30.0
 WORKER_BOOT_TIMEOUT = 30.0
 
 READY, BEAT, STOPPING, FAILED = b"R", b".", b"S", b"E"
+#: The most of a failing worker's traceback its report carries (the end, where the error is).
+MAX_REPORT = 16_000
 #: Exit reasons after which the slot is filled again; the others ("reload", "scale",
 #: "stop") mean the slot has a new worker already or is gone.
 REFILLED = frozenset({"max_requests", "timeout", "crash"})
@@ -137,9 +140,11 @@ class WorkerStatus:
         self._write(STOPPING)
 
     def failed(self, exc: BaseException) -> None:
-        """Tell the parent why this worker could not start (one line)."""
-        text = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
-        self._write(FAILED + text.encode("utf-8", "replace") + b"\n")
+        """Tell the parent why this worker could not start: one line, then the traceback
+        (the parent logs them once; the worker does not log them itself)."""
+        summary = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+        trace = "".join(traceback.format_exception(exc))[-MAX_REPORT:]
+        self._write(FAILED + f"{summary}\n{trace}".encode("utf-8", "replace"))
 
 
 @attrs.define(eq=False)
@@ -309,18 +314,21 @@ class WorkerSlots:
         self.server.call_hook("worker_exit", worker_id=worker.slot, status=code, reason=reason)
         if self.stopping:
             return
-        cause = worker.report.decode("utf-8", "replace").strip() or f"exit status {code}"
+        report = worker.report.decode("utf-8", "replace").strip() or f"exit status {code}"
+        cause, _, trace = report.partition("\n")
         if worker.state == "starting" and worker.slot in self._booting and reason == "crash":
+            log.error("worker %d (pid %d) failed at start-up: %s", worker.slot, pid, report)
             self._boot_failures[worker.slot] = f"worker {worker.slot} (pid {pid}): {cause}"
             return  # not retried: start-up failures end the supervisor (_check_boot)
         if self._incoming is not None and self._incoming[0] == pid:
-            self._abort_reload(f"its replacement (pid {pid}) failed before it served: {cause}")
+            self._abort_reload(f"its replacement (pid {pid}) failed before it served: {cause}", trace)
             return
         if pid == self._outgoing:
             self._outgoing = None
         if pid in self._old:
             self._old.remove(pid)
         if reason not in REFILLED:
+            log.info("worker %d (pid %d) exited (%s)", worker.slot, pid, reason)
             return
         if reason == "crash":
             log.warning("worker %d (pid %d) exited with status %d; replacing it", worker.slot, pid, code)
@@ -332,8 +340,9 @@ class WorkerSlots:
 
     def _read_last(self, worker: Worker) -> None:
         try:
-            worker.take(os.read(worker.fd, 4096))
-        except OSError:
+            while data := os.read(worker.fd, 65536):
+                worker.take(data)
+        except OSError:  # BlockingIOError: nothing more written
             pass
 
     def _check_boot(self) -> None:
@@ -470,9 +479,9 @@ class WorkerSlots:
             return
         self._finish_reload(True)
 
-    def _abort_reload(self, why: str) -> None:
-        log.error("%s: reload aborted: %s; keeping the %d old worker(s) still serving",
-                  type(self.server).__name__, why, len(self._old) + 1)
+    def _abort_reload(self, why: str, trace: str = "") -> None:
+        log.error("%s: reload aborted: %s; keeping the old workers%s", type(self.server).__name__,
+                  why, f"\n{trace}" if trace else "")
         self._incoming, self._old = None, []
         self._finish_reload(False)
 
@@ -574,8 +583,8 @@ def run_worker(server: Server, status: WorkerStatus, start: Callable[[], None],
                serve: Callable[[], None]) -> int:
     """In a forked worker: ``start()``, then report ready and ``serve()``; return 0.
 
-    What ``start`` raises is reported to the parent (``status.failed``) and raised: the
-    worker failed before it served. ``SIGABRT`` writes every thread's stack to the log
+    What ``start`` raises is reported to the parent (``status.failed``), which logs it;
+    the worker then exits 1: it failed before it served. ``SIGABRT`` writes every thread's stack to the log
     (``write_stacks_on_abort``). When ``serve`` returns or raises, the parent is told
     the worker drains, and the server is closed (its inner strategy drains).
     """
@@ -583,8 +592,8 @@ def run_worker(server: Server, status: WorkerStatus, start: Callable[[], None],
         write_stacks_on_abort()
         start()
     except BaseException as exc:
-        status.failed(exc)
-        raise
+        status.failed(exc)  # the parent logs it, once
+        return 1
     status.ready()
     try:
         serve()
