@@ -248,13 +248,15 @@ class WorkerSlots:
         return pid
 
     def close_in_child(self) -> None:
-        """In a forked worker: close the parent's ends of every status pipe and give the
-        signals ``signals()`` set their handlers back."""
+        """In a forked worker: close the parent's ends of every status pipe, give the
+        signals ``signals()`` set their handlers back, and ignore SIGHUP: a reload is the
+        supervisor's (a terminal's hangup reaches the whole process group)."""
         for worker in self.workers.values():
             os.close(worker.fd)
         self.workers.clear()
         for sig, handler in self._restore_signals.items():
             signal.signal(sig, handler)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def _start_due(self, now: float) -> None:
         if self.stopping or not self._due:

@@ -349,3 +349,15 @@ def test_stopping_the_server_during_a_reload_ends_the_reload():
     reloader.join(10)
     assert not reloader.is_alive() and len(result) == 1
     assert not child_pids()
+
+
+def test_workers_ignore_sighup_the_supervisor_reloads():
+    events = Events()
+    with serving(prefork(events, workers=2)(LOOPBACK, PidHandler)) as server:
+        assert wait_until(lambda: len(events.of("ready")) == 2)
+        workers = child_pids()
+        for pid in workers:
+            os.kill(pid, signal.SIGHUP)  # as a terminal's hangup reaches the process group
+        time.sleep(0.5)
+        assert child_pids() == workers and events.of("exit") == []
+        assert ask(server.server_address) in workers
