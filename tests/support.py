@@ -85,6 +85,9 @@ requires_af_unix = pytest.mark.skipif(
 )
 requires_ipv6 = requirement(HAS_IPV6, "requires_ipv6: no IPv6 loopback")
 requires_ss = requirement(HAS_SS, "requires_ss: the ss tool (iproute2) to read listen backlogs")
+#: The haproxy program: the PROXY protocol peer and the load balancer of the rolling tests.
+HAPROXY = shutil.which("haproxy")
+requires_haproxy = requirement(HAPROXY is not None, "requires_haproxy: the haproxy program")
 
 
 def address_for(transport: str, tmp_path: Any) -> Any:

@@ -34,9 +34,7 @@ import pytest
 
 import support
 
-HAPROXY = shutil.which("haproxy")
-# The same requirement as tests/transports/proxy_support.py's (a candidate for support.py).
-requires_haproxy = support.requirement(HAPROXY is not None, "requires_haproxy: the haproxy program")
+HAPROXY, requires_haproxy = support.HAPROXY, support.requires_haproxy
 
 #: Seconds the clients send requests for.
 LOAD_SECONDS = 10.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import socketserver
@@ -27,8 +26,7 @@ import sockserve
 from sockserve.transports._proxy import ProxyLayer
 
 SIG = bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
-HAPROXY = shutil.which("haproxy")
-requires_haproxy = support.requirement(HAPROXY is not None, "requires_haproxy: the haproxy program")
+HAPROXY, requires_haproxy = support.HAPROXY, support.requires_haproxy
 
 
 # ------------------------------------------------------------------------------ an encoder
