@@ -13,9 +13,10 @@ How the counts stay right across processes (``SharedCounters``): the counters ar
 ``sockserve_server_activate``, before any worker is forked; every process adds to its own
 row; a dead process's row is reused with its counts kept, so no counter goes backwards and
 the memory is fixed. Gauges (connections active, pool threads busy, queue depth) are
-values each process sets for itself, from its serving thread's ``service_actions`` at most
-every ``GAUGE_INTERVAL`` seconds and when it scrapes; only live processes count. The
-workers-by-state gauge is the supervisor's own bookkeeping of the prefork hooks.
+values each process sets for itself when they changed, from its serving thread's
+``service_actions`` (every loop turn: after each request, at least every poll interval)
+and when it scrapes; only live processes count. The workers-by-state gauge is the
+supervisor's own bookkeeping of the prefork hooks.
 """
 
 from __future__ import annotations
@@ -37,12 +38,9 @@ from . import _metrics as m
 from ._prometheus import MetricsListener, parse_metrics_address, register_source
 from ._statsd import INTERVAL, StatsdEmitter
 
-__all__ = ["BUCKETS", "GAUGE_INTERVAL", "STATS", "Stats", "stats_from_flags"]
+__all__ = ["BUCKETS", "STATS", "Stats", "stats_from_flags"]
 
 BUCKETS = m.BUCKETS
-#: Seconds between two publications of a process's gauges from its serve loop: often
-#: enough for a scrape every second, rare enough to cost the loop nothing measurable.
-GAUGE_INTERVAL: Final = 0.05
 COUNTERS = ("accepted", "denied", "finished", "failed")
 
 _CELLS = m.counter_cells()
@@ -116,17 +114,21 @@ class _ServerStats:
         self.ready: dict[int, int] = {}  # pid -> slot
         self.aborting: dict[int, int] = {}  # pid -> slot
         self.generation = -1  # the fork generation whose gauges this process published
-        self.next_publish = 0.0
+        self.published = (-1, -1, -1)
 
-    def publish(self, server: Any) -> None:
-        """Set this process's gauges from *server* (its serving thread, or a scrape)."""
+    def publish(self, server: Any, *, force: bool = True) -> None:
+        """Set this process's gauges from *server* (its serving thread, or a scrape);
+        without *force*, only when they changed (a loop turn costs three reads then)."""
         queued = getattr(server, "requests_queued", 0)
+        now = (len(server.in_flight) + server.waiting + queued, getattr(server, "threads_busy", 0),
+               queued)
+        if not force and now == self.published and self.generation == _generation:
+            return
         counters = self.counters
-        counters.set(ACTIVE, len(server.in_flight) + server.waiting + queued)
-        counters.set(BUSY, getattr(server, "threads_busy", 0))
-        counters.set(QUEUED, queued)
-        self.generation = _generation
-        self.next_publish = time.monotonic() + GAUGE_INTERVAL
+        counters.set(ACTIVE, now[0])
+        counters.set(BUSY, now[1])
+        counters.set(QUEUED, now[2])
+        self.generation, self.published = _generation, now
 
     def workers(self) -> dict[tuple[str, ...], int]:
         return {("starting",): sum(self.starting.values()), ("ready",): len(self.ready),
@@ -254,9 +256,7 @@ class Stats:
 
     @hookimpl
     def sockserve_service_actions(self, server: Any) -> None:
-        state = self._state(server)
-        if state.generation != _generation or time.monotonic() >= state.next_publish:
-            state.publish(server)
+        self._state(server).publish(server, force=False)
 
     # ------------------------------------------------------------------ per request
 

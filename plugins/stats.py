@@ -11,7 +11,7 @@
 
 from ._metrics import CONTENT_TYPE, METRICS, Family, Metric
 from ._prometheus import Collector, MetricsListener, parse_metrics_address
-from ._stats import BUCKETS, GAUGE_INTERVAL, STATS, Stats, stats_from_flags
+from ._stats import BUCKETS, STATS, Stats, stats_from_flags
 from ._statsd import StatsdEmitter
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "CONTENT_TYPE",
     "Collector",
     "Family",
-    "GAUGE_INTERVAL",
     "METRICS",
     "Metric",
     "MetricsListener",
