@@ -136,8 +136,10 @@ def _closing(close: Callable[[Any], None]) -> Callable[[Any], None]:
             close(self)
         finally:
             state.close_depth = depth
-            if depth == 0 and state.limits is not None:
-                state.limits.deadlines.stop()  # after the drain, which may need it
+            if depth == 0:
+                self.close_listeners()  # a server_close that closed none (not a TCPServer)
+                if state.limits is not None:
+                    state.limits.deadlines.stop()  # after the drain, which may need it
             if outer:
                 self.call_hook("server_closed")
 
@@ -217,6 +219,9 @@ class BaseServer:
         self._sockserve_limited = any(getattr(self, name) is not None for name in LIMITS)
         self._sockserve_hooks: HookRelay = relay_for(type(self))
         self._sockserve_state = ServingState()
+        #: fd -> the listening sockets add_listener() added (not the server's own socket).
+        #: On the server, not in the serving state: a forked worker serves them too.
+        self._sockserve_listeners: dict[int, socket.socket] = {}
 
     def server_activate(self) -> None:
         """Called by the constructor to activate the server; may be overridden."""
@@ -260,7 +265,10 @@ class BaseServer:
         """Accept and handle requests until shutdown is asked for.
 
         Each ready descriptor is dispatched on its own: the wake-up socket is only read,
-        the listening socket is accepted from only while accepting is not paused.
+        the listening sockets are accepted from only while accepting is not paused. The
+        server's own socket is compared first; the sockets of ``add_listener`` are looked
+        up only for a descriptor that is neither it nor the wake-up socket, so that a
+        server with one socket pays nothing for them.
         """
         hooks = self._sockserve_hooks
         # A raw poll object, not the selectors wrapper the standard module uses:
@@ -270,6 +278,7 @@ class BaseServer:
         wake_fd = wake_r.fileno()
         poller.register(wake_fd, READ)
         listen_fd = self.fileno()
+        extra = self._sockserve_listeners
         polled = False
         timeout = poll_timeout(poll_interval)
         room = state.waiting
@@ -285,8 +294,12 @@ class BaseServer:
                 polled = state.accepting
                 if polled:
                     poller.register(listen_fd, READ)
+                    for fd in extra:
+                        poller.register(fd, READ)
                 else:
                     poller.unregister(listen_fd)
+                    for fd in extra:
+                        poller.unregister(fd)
             if waiting_new:
                 for fd in waiting_new:
                     poller.register(fd, READ)
@@ -310,11 +323,19 @@ class BaseServer:
                 call_hook(self, hooks.service_actions)
 
     def _sockserve_readable(self, poller: Any, fd: int) -> None:
-        """A waiting connection became readable: hand it over as its strategy asked."""
-        waiting = self._sockserve_state.waiting.take(fd)
-        poller.unregister(fd)
+        """A waiting connection became readable: hand it over as its strategy asked.
+        Or *fd* is a socket of ``add_listener``: accept from it."""
+        state = self._sockserve_state
+        waiting = state.waiting.take(fd)
         if waiting is None:
+            listener = self._sockserve_listeners.get(fd)
+            if listener is not None:
+                if state.accepting:
+                    self._handle_request_noblock(listener)
+                return
+            poller.unregister(fd)
             return
+        poller.unregister(fd)
         self._sockserve_hand_over(waiting.then, waiting.request, waiting.client_address)
 
     def _sockserve_hand_over(self, then: Any, request: Any, client_address: Any) -> None:
@@ -384,6 +405,84 @@ class BaseServer:
         # A sync request still runs in the serving thread past the drain deadline.
         self.cut_off(self.in_flight)
         state.is_shut_down.wait()
+
+    # ------------------------------------------------------------------ listening sockets
+
+    def add_listener(self, sock: socket.socket) -> None:
+        """Serve *sock* too, beside the server's own socket: one server, several addresses.
+
+        *sock* is bound by the caller (``TCPServer.add_address`` binds one the way the
+        transport binds its own) and of this server's socket type; its family may differ
+        (IPv4, IPv6 and Unix sockets in one server: each connection's ``client_address``
+        has the shape of the socket it came in on). A stream socket that does not listen
+        yet is made to listen with ``request_queue_size``.
+
+        The serve loop polls it with the server's own socket and accepts from whichever
+        is ready; what it accepts takes the same path as any connection (``get_request``
+        with ``self.socket`` being *sock* for that call, then verify, limits, the waiting
+        room, the layers, the hooks). ``pause_accepting`` pauses every listening socket.
+        *sock* is made non-blocking: processes that share it (prefork workers) race for
+        each connection, and the loser must get EAGAIN, not block. A forked worker serves
+        it as its parent does (``after_fork`` keeps it).
+
+        From here on the server owns *sock*: ``server_close()`` closes it (in each
+        process its copy). Call it before ``serve_forever``.
+
+        :raises TypeError: *sock* is not a socket, or not of the server's socket type.
+        :raises ValueError: *sock* is the server's own socket, added already, or closed.
+        :raises RuntimeError: the server is serving now.
+        """
+        if not isinstance(sock, socket.socket):
+            raise TypeError(f"add_listener() needs a socket.socket, not {type(sock).__name__}")
+        socket_type = getattr(self, "socket_type", None)
+        if socket_type is not None and int(sock.type) != int(socket_type):
+            raise TypeError(f"add_listener(): the socket is {sock.type!r} but "
+                            f"{type(self).__name__} serves {socket.SocketKind(socket_type)!r}")
+        fd = sock.fileno()
+        if fd < 0:
+            raise ValueError("add_listener(): the socket is closed")
+        own = getattr(self, "socket", None)
+        if sock is own or fd in self._sockserve_listeners:
+            raise ValueError(f"add_listener(): socket {fd} is served already")
+        if self._sockserve_state.serving_thread is not None:
+            raise RuntimeError("add_listener() while serve_forever runs: add it before")
+        if sock.type == socket.SOCK_STREAM and not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            sock.listen(getattr(self, "request_queue_size", LISTEN_BACKLOG))
+        sock.setblocking(False)
+        self._sockserve_listeners[fd] = sock
+
+    @property
+    def listeners(self) -> tuple[socket.socket, ...]:
+        """Every socket this server accepts on: its own (``self.socket``) first, then
+        those of ``add_listener``. For code that polls or inspects them (``fileno()``
+        names only the first)."""
+        own = getattr(self, "socket", None)
+        extra = tuple(self._sockserve_listeners.values())
+        return extra if own is None else (own, *extra)
+
+    def close_listeners(self) -> None:
+        """Close the sockets ``add_listener`` added and forget them (safe to call again).
+
+        ``server_close()`` calls it, after the transport's own close (a transport that
+        closes its socket early, as ``TCPServer`` does before the drain, calls it there).
+        """
+        listeners = self._sockserve_listeners
+        while listeners:
+            _, sock = listeners.popitem()
+            sock.close()
+
+    def _sockserve_accept_on(self, listener: socket.socket) -> tuple[Any, Any]:
+        """``get_request()`` on *listener*: ``self.socket`` is it for this call only, so
+        that a ``get_request`` of a subclass or strategy (prefork's count, a datagram's
+        reply socket) works on every listening socket."""
+        own = self.socket  # type: ignore[has-type]
+        self.socket = listener
+        try:
+            return self.get_request()
+        finally:
+            self.socket = own
 
     # ------------------------------------------------------------------ strategy contract
 
@@ -661,7 +760,7 @@ class BaseServer:
 
         The wait is the smaller of the socket's own timeout and ``self.timeout``.
         """
-        timeout = self.socket.gettimeout()  # type: ignore[attr-defined]
+        timeout = self.socket.gettimeout()
         if timeout is None:
             timeout = self.timeout
         elif self.timeout is not None:
@@ -670,18 +769,28 @@ class BaseServer:
             deadline = time.monotonic() + timeout
         with _ServerSelector() as selector:
             selector.register(self, selectors.EVENT_READ)
+            for listener in self._sockserve_listeners.values():
+                selector.register(listener, selectors.EVENT_READ, listener)
             while True:
-                if selector.select(timeout):
-                    return self._handle_request_noblock()
+                ready = selector.select(timeout)
+                if ready:
+                    return self._handle_request_noblock(ready[0][0].data)
                 if timeout is not None:
                     timeout = deadline - time.monotonic()
                     if timeout < 0:
                         return self.handle_timeout()
 
-    def _handle_request_noblock(self) -> None:
-        """Accept one request that is ready and run it through verify and process."""
+    def _handle_request_noblock(self, listener: socket.socket | None = None) -> None:
+        """Accept one request that is ready and run it through verify and process.
+
+        :param listener: a socket of ``add_listener`` to accept from; None: the server's
+            own (the standard module's call, with no argument).
+        """
         try:
-            request, client_address = self.get_request()
+            if listener is None:
+                request, client_address = self.get_request()
+            else:
+                request, client_address = self._sockserve_accept_on(listener)
         except OSError as exc:
             self._sockserve_accept_failed(exc)
             return

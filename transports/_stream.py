@@ -73,6 +73,8 @@ class TCPServer(BaseServer):
     sockserve_family: AddressFamily | None = None
     sockserve_registry: Registry | None = None
     _accept_args: tuple[Any, int, int, int] | None = None
+    #: The addresses add_address() bound (what their family plugins must release).
+    _bindings: list[_Binding] = []  # replaced, never changed in place
     _address_checked = True
     _ssl_warned = False
     #: False for a server built on a given socket (``from_socket``): the address is the
@@ -125,27 +127,50 @@ class TCPServer(BaseServer):
 
     def server_bind(self) -> None:
         """Bind the socket to ``server_address`` and store the real address there."""
-        if self.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         family = self._family
         if not self._address_checked:
             self.server_address = family.check_address(self.server_address)
             self._address_checked = True
-        family.before_bind(self)
+        _bind(self, family)
+
+    def add_address(self, address: Any, family: str | AddressFamily | None = None) -> Any:
+        """Bind and serve *address* too: one more listening socket for this server.
+
+        The socket is made and bound as the server's own was: the address checked by the
+        family plugin, SO_REUSEADDR / SO_REUSEPORT as ``allow_reuse_address`` /
+        ``allow_reuse_port`` say, the family's preparation (``IPV6_V6ONLY`` from
+        ``ipv6_only`` for an IPv6 socket, a stale Unix socket file replaced,
+        ``socket_mode``), then it listens with ``request_queue_size`` and is served with
+        ``add_listener``. A Unix socket file it creates is removed at ``server_close()``,
+        as the server's own is. On failure nothing is left: the socket is closed.
+
+        :param family: the address family plugin (or its name) for *address*, when it is
+            not the server's (a ``"unix"`` path beside a TCP address); default the
+            server's.
+        :returns: the bound address (the real port when *address* asked for port 0).
+        :raises AddressError: *address* is not of the family's shapes.
+        :raises BindError: it cannot be bound; the message names it.
+        """
+        if family is None:
+            plugin: AddressFamily = self._family
+        elif isinstance(family, str):
+            plugin = (self.sockserve_registry or registry).load("family", family)
+        else:
+            plugin = family
+        address = plugin.check_address(address)
+        sock = socket.socket(plugin.socket_family(address), self.socket_type)
+        binding = _Binding(self, plugin, sock, address)
         try:
-            self.socket.bind(self.server_address)
-        except OSError as exc:
-            if isinstance(exc, BindError):
-                raise
-            raise BindError.from_os_error(
-                exc,
-                f"{exc.strerror or exc}: cannot bind {family.name} address "
-                f"{self.server_address!r}",
-                self.server_address,
-            ) from exc
-        self.server_address = family.bound_address(self)
+            _bind(binding, plugin)
+            self.add_listener(sock)
+        except BaseException:
+            try:
+                plugin.release(binding)  # a socket file bound before listen() failed
+            finally:
+                sock.close()
+            raise
+        self._bindings = [*self._bindings, binding]
+        return binding.server_address
 
     def server_activate(self) -> None:
         """Listen with a backlog of ``request_queue_size`` (a given socket that listens
@@ -205,9 +230,13 @@ class TCPServer(BaseServer):
             _given_socket.reset(token)
 
     def server_close(self) -> None:
-        """Close the listening socket (and remove a Unix socket file we created)."""
+        """Close the listening sockets (and remove the Unix socket files we created)."""
         self._family.release(self)
         self.socket.close()
+        bindings, self._bindings = self._bindings, []
+        for binding in bindings:
+            binding.family.release(binding)
+        self.close_listeners()
 
     def fileno(self) -> int:
         """Return the listening socket's file descriptor (for selectors)."""
@@ -256,6 +285,53 @@ class TCPServer(BaseServer):
     def close_request(self, request: Any) -> None:
         """Close the connection."""
         request.close()
+
+
+def _bind(server: Any, family: AddressFamily) -> None:
+    """Bind ``server.socket`` to ``server.server_address`` (checked already), then store
+    the real address there: the steps of ``server_bind``, for the server's own socket and
+    for those of ``add_address`` (*server* a ``_Binding`` then)."""
+    if server.allow_reuse_address and hasattr(socket, "SO_REUSEADDR"):
+        server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if server.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    family.before_bind(server)
+    try:
+        server.socket.bind(server.server_address)
+    except OSError as exc:
+        if isinstance(exc, BindError):
+            raise
+        raise BindError.from_os_error(
+            exc,
+            f"{exc.strerror or exc}: cannot bind {family.name} address {server.server_address!r}",
+            server.server_address,
+        ) from exc
+    server.server_address = family.bound_address(server)
+
+
+class _Binding:
+    """One address of ``add_address``, as its address family plugin sees the server.
+
+    Family plugins are written against the server: ``server.socket``,
+    ``server.server_address``, its options (``ipv6_only``, ``socket_mode``). This view
+    gives them the new socket and address and the server's public attributes (settings)
+    for everything else. What they store on it stays on it: a private name (the Unix
+    family's ``_unix_socket_file``) is never read from the server, whose own socket's
+    state it is.
+    """
+
+    #: The address was bound here: its socket file is ours to remove, also on a server
+    #: built on a given socket (``from_socket``).
+    owns_address = True
+
+    def __init__(self, server: TCPServer, family: AddressFamily, sock: socket.socket,
+                 address: Any) -> None:
+        self._server, self.family, self.socket, self.server_address = server, family, sock, address
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._server, name)
 
 
 STREAM = SocketType("stream", socket.SOCK_STREAM, TCPServer)
