@@ -111,8 +111,9 @@ def test_a_worker_killed_with_sigkill_loses_none_of_its_counts():
                 os.read(release_r, 1)  # until this worker is killed
             self.request.sendall(b"done")
 
-    server = sockserve.compose("tcp", "prefork", plugins=[stats], options={"workers": 2})(
-        ("127.0.0.1", 0), Hold)
+    # drain_timeout: a failed assertion leaves a handler blocked; the stop then kills it.
+    server = sockserve.compose("tcp", "prefork", plugins=[stats],
+                               options={"workers": 2, "drain_timeout": 2})(("127.0.0.1", 0), Hold)
     try:
         with serving(server):
             for _ in range(30):
@@ -150,7 +151,8 @@ def test_gauges_of_an_inner_threadpool_are_summed_over_the_workers():
             os.read(release_r, 1)
 
     server = sockserve.compose("tcp", "prefork", plugins=[stats],
-                               options={"workers": 2, "inner": "threadpool", "threads": 2})(
+                               options={"workers": 2, "inner": "threadpool", "threads": 2,
+                                        "drain_timeout": 2})(
         ("127.0.0.1", 0), Hold)
     clients = []
     try:
