@@ -41,8 +41,10 @@ def ask(address, payload: bytes, family: int = socket.AF_INET) -> bytes:
 
 
 def assert_bindable(address, family: int = socket.AF_INET) -> None:
-    """Nothing listens on *address* any more: it can be bound again."""
+    """Nothing listens on *address* any more: it can be bound again (SO_REUSEADDR:
+    closed connections may linger in TIME_WAIT; a listening socket still fails the bind)."""
     with socket.socket(family, socket.SOCK_STREAM) as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(address)
 
 
