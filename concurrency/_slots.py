@@ -32,7 +32,7 @@ import attrs
 
 from ..core import Server, count, seconds
 from ._drain import TERMINATE_GRACE, drain_deadline, reap, stop_processes
-from ._supervise import stop_on_signals
+from ._supervise import stop_listening, stop_on_signals
 
 __all__ = [
     "ABORT_KILL_DELAY",
@@ -227,6 +227,9 @@ class WorkerSlots:
 
     def fill(self) -> None:
         """Start a worker in every slot (each after a random part of ``SPAWN_SPREAD``)."""
+        if any(sock.fileno() == -1 for sock in getattr(self.server, "listeners", ())):
+            raise RuntimeError(f"{type(self.server).__name__} stopped and closed its listening "
+                               "sockets: it does not serve again (make a new server)")
         now = time.monotonic()
         self._booting = set(range(self.count))
         delays = sorted(random.uniform(0, SPAWN_SPREAD) for _ in range(1, self.count))
@@ -313,7 +316,8 @@ class WorkerSlots:
             reason = worker.reason
         else:
             reason = "max_requests" if code == 0 and worker.state != "starting" else "crash"
-        self.server.call_hook("worker_exit", worker_id=worker.slot, status=code, reason=reason)
+        self.server.call_hook("worker_exit", worker_id=worker.slot, status=code, reason=reason,
+                              pid=pid)
         if self.stopping:
             return
         report = worker.report.decode("utf-8", "replace").strip() or f"exit status {code}"
@@ -498,8 +502,10 @@ class WorkerSlots:
 
     def stop(self) -> int:
         """Stop every worker (SIGTERM, then SIGKILL at the drain deadline); return how
-        many had to be killed."""
+        many had to be killed. The parent's listening sockets are closed first: a stopped
+        prefork server does not serve again."""
         self.stopping = True
+        stop_listening(self.server)  # the parent never accepts; the workers close theirs
         with self._lock:  # a reload waited for ends now, not done
             self._finished = self._running = self._asked
             self._result = False

@@ -294,7 +294,7 @@ def sockserve_worker_abort(server: BaseServer, worker_id: int, pid: int) -> None
 
 
 @hookspec
-def sockserve_worker_exit(server: BaseServer, worker_id: int, status: int, reason: str) -> None:
+def sockserve_worker_exit(server: BaseServer, worker_id: int, status: int, reason: str, pid: int) -> None:
     """React to a worker process having exited (``prefork`` strategy).
 
     Fires in the parent's serving thread after the worker was reaped, whether it is
@@ -308,6 +308,7 @@ def sockserve_worker_exit(server: BaseServer, worker_id: int, status: int, reaso
         ``"timeout"`` (aborted as stuck), ``"crash"`` (failed, or exited unasked),
         ``"reload"`` (replaced by a rolling reload), ``"scale"`` (one worker fewer,
         SIGTTOU) and ``"stop"`` (the server is stopping).
+    :param pid: its process id.
     """
 
 
