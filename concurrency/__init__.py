@@ -24,6 +24,7 @@ from ._supervise import (
     exit_child,
     fork_worker,
     reuse_port_socket,
+    stop_listening,
     stop_on_signals,
     with_inner_strategy,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "fork_worker",
     "reap",
     "reuse_port_socket",
+    "stop_listening",
     "stop_on_signals",
     "stop_processes",
     "wait_threads",

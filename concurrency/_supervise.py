@@ -34,6 +34,7 @@ __all__ = [
     "exit_child",
     "fork_worker",
     "reuse_port_socket",
+    "stop_listening",
     "stop_on_signals",
     "with_inner_strategy",
 ]
@@ -96,7 +97,9 @@ def stop_on_signals(server: Server, *, worker: bool = False) -> Callable[[], Non
     """Make SIGTERM and SIGINT stop *server* gracefully; return what restores them.
 
     The first signal calls ``server.shutdown()`` (from the serving thread, it returns at
-    once); a second ends the drain (``server.end_drain()``). In a *worker*, the handlers
+    once); a second ends the drain (``server.end_drain()``). In a *worker*, the first also
+    closes its copies of the stream listening sockets at once (``stop_listening``), the
+    handlers
     replace whatever the fork copied, and the drain deadline is enforced here too: when
     ``drain_timeout`` passes (SIGALRM) the requests in flight are cut off. Outside a
     worker, only the main thread's default handlers are replaced (an application's own
@@ -113,9 +116,12 @@ def stop_on_signals(server: Server, *, worker: bool = False) -> Callable[[], Non
             server.end_drain()
             if worker:
                 server.cut_off(server.in_flight)
-        elif worker and server.drain_timeout is not None:
-            signal.signal(signal.SIGALRM, lambda *_: server.cut_off(server.in_flight))
-            signal.setitimer(signal.ITIMER_REAL, max(server.drain_timeout, 0.001))
+        else:
+            if worker:
+                stop_listening(server)  # a sync worker's loop may be inside a long request
+            if worker and server.drain_timeout is not None:
+                signal.signal(signal.SIGALRM, lambda *_: server.cut_off(server.in_flight))
+                signal.setitimer(signal.ITIMER_REAL, max(server.drain_timeout, 0.001))
         server.shutdown()
 
     defaults = (signal.SIG_DFL, signal.default_int_handler)
@@ -127,6 +133,19 @@ def stop_on_signals(server: Server, *, worker: bool = False) -> Callable[[], Non
             signal.signal(sig, handler)
 
     return restore
+
+
+def stop_listening(server: Any) -> None:
+    """Close this process's copies of *server*'s stream listening sockets, now.
+
+    For a process that stops: a connection the kernel queues on a socket nobody accepts
+    from any more is reset when the last copy closes, a load balancer sees an empty
+    response; once every copy is closed, a new connection is refused, which it retries at
+    once elsewhere. Datagram sockets stay open: a handler replies through them.
+    """
+    for sock in getattr(server, "listeners", ()):
+        if sock.type == socket.SOCK_STREAM:
+            sock.close()
 
 
 def reuse_port_socket(server: Any) -> None:

@@ -361,3 +361,39 @@ def test_workers_ignore_sighup_the_supervisor_reloads():
         time.sleep(0.5)
         assert child_pids() == workers and events.of("exit") == []
         assert ask(server.server_address) in workers
+
+
+def test_a_stopped_server_refuses_new_connections_while_its_workers_drain():
+    """The parent closes its listening socket when it stops its workers, and each worker
+    its copy at SIGTERM (inner sync: while its request still runs): a client connecting
+    during the drain is refused, not queued and reset at the end."""
+    events = Events()
+    server = prefork(events, workers=1, drain_timeout=10)(LOOPBACK, SlowHandler)
+    address = server.server_address
+    thread = start_serving(server, 0.05)
+    try:
+        assert wait_until(lambda: events.of("ready"))
+        busy = socket.create_connection(address, timeout=10)
+        busy.sendall(b"slow\n")
+        time.sleep(0.2)  # the worker is inside the request
+        stopper = threading.Thread(target=server.shutdown)
+        stopper.start()
+        time.sleep(0.3)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=2).close()
+        assert busy.recv(100).startswith(b"done")  # the request in flight finished
+        busy.close()
+        stopper.join(10)
+    finally:
+        server.shutdown()
+        thread.join(10)
+        server.server_close()
+    with pytest.raises(RuntimeError, match="does not serve again"):
+        server.serve_forever(0.05)
+
+
+class SlowHandler(sockserve.StreamRequestHandler):
+    def handle(self):
+        self.rfile.readline()
+        time.sleep(1.0)
+        self.wfile.write(b"done\n")
