@@ -43,7 +43,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version",
                         version=f"sockserve {__version__} (Python {platform.python_version()})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run a server (default: the upper-casing echo demo)")
+    serve = commands.add_parser("serve", help="run a server (default: the upper-casing echo demo)",
+                                usage="sockserve serve [ADDRESS]... [HANDLER] [options]")
     serve.add_argument("targets", nargs="*", metavar="ADDRESS... [HANDLER]",
                        help=f"ADDRESS: {ADDRESS_SHAPES}, or a passed socket: fd://N, systemd "
                        f"(every socket passed) or systemd:NAME (default {DEFAULT_ADDRESS}); "
