@@ -80,6 +80,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="the private key of --tls-cert (default: in the --tls-cert file)")
     serve.add_argument("--tls-password-file", metavar="FILE",
                        help="a file whose first line is the password of the key")
+    serve.add_argument("--metrics", metavar="HOST:PORT",
+                       help="serve Prometheus metrics (GET /metrics) on this address, bound "
+                       "before serving; the stats plugin, served by the supervisor under prefork")
+    serve.add_argument("--statsd", metavar="HOST:PORT",
+                       help="also send the stats plugin's metrics to this statsd server (UDP)")
     commands.add_parser("plugins", help="list installed plugins with their distributions")
     return parser
 

@@ -251,59 +251,75 @@ def _build(args: argparse.Namespace, listens: list[Listen], handler: type, spec:
     block_plugins(name[3:] for name in args.plugin if name.startswith("no:"))
     plugin_names = [name for name in args.plugin if not name.startswith("no:")]
     plugins = [registry.load("plugin", name) for name in plugin_names]
-    # An inner strategy (prefork's ``inner``) is composed in, so that its options exist.
-    inner = [text.partition("=")[2].strip() for text in args.option
-             if text.partition("=")[0].strip() == "inner"]
-    # --tls-cert and friends (the standard http.server's flags) add the tls layer, last:
-    # after --layer proxy, say, so that the PROXY header is read in clear first.
-    tls = tls_options_from_flags(args.tls_cert, args.tls_key, args.tls_password_file)
-    layers = [*args.layer, "tls"] if tls and "tls" not in args.layer else list(args.layer)
-    base = registry.compose(transport, args.concurrency, layers=layers, plugins=plugins,
-                            options={"inner": inner[-1]} if inner else None)
-    settings: dict[str, Any] = {
-        "request_queue_size": SERVE_BACKLOG,
-        "drain_timeout": SERVE_DRAIN_TIMEOUT,
-        "allow_reuse_address": True,
-        **SERVE_LIMITS,
-        **tls,  # --option certfile=... given too overrides the flag
-    }
-    if len(listens) > 1 and "ipv6_only" in declared_option_names(base):
-        # Each address serves what it names: [::]:P beside 0.0.0.0:P must not claim the
-        # IPv4 port too (the system default on Linux), or the second bind fails.
-        settings["ipv6_only"] = True
-    server_class = with_options(base, settings)
-    option_texts = list(args.option)
-    if args.workers is not None:
-        option_texts.insert(0, f"workers={args.workers}")  # an explicit -o workers= wins
-    elif os.environ.get("WEB_CONCURRENCY") and "workers" in declared_option_names(server_class):
-        try:
-            option_texts.insert(0, f"workers={worker_count(os.environ['WEB_CONCURRENCY'])}")
-        except argparse.ArgumentTypeError as exc:
-            raise UsageError(f"WEB_CONCURRENCY: {exc}") from None
-    options = parse_command_line_options(server_class, option_texts, unknown_hint=option_declared_by)
-    server_class = with_options(server_class, options)
-    if len(listens) > 1 and getattr(server_class, "reuse_port", False):
-        raise UsageError("reuse_port binds one socket per worker for one address; with several "
-                         "addresses turn it off (the workers share every socket)")
-    extra: dict[str, Any] = {}
-    if _forks_workers(server_class):
-        extra["cli_handler"] = (spec, fresh)
-    mixins = ((_FreshHandlerImport,) if extra else ()) + ((_LogHandlerErrors,) if log_file else ())
-    if mixins:
-        # Named as the composed class: the startup line and the tests read that name.
-        extra.update(__module__=server_class.__module__, __qualname__=server_class.__qualname__)
-        server_class = type(server_class.__name__, (*mixins, server_class), extra)
-    server = _first_server(server_class, transport, first, handler)
-    shown = [_show(server.server_address)]
+    # --metrics / --statsd: a stats plugin of its own (instead of --plugin stats), its side
+    # listener bound now: a busy address is an error (exit 2) before anything is served.
+    from ..plugins._stats import stats_from_flags
+
+    stats = stats_from_flags(args.metrics, args.statsd)
+    if stats is not None:
+        plugins = [p for p, n in zip(plugins, plugin_names) if n != "stats"] + [stats]
+        plugin_names = [n for n in plugin_names if n != "stats"] + ["stats"]
     try:
-        for listen in listens[1:]:
-            shown.append(_add(server, listen))
+        # An inner strategy (prefork's ``inner``) is composed in, so that its options exist.
+        inner = [text.partition("=")[2].strip() for text in args.option
+                 if text.partition("=")[0].strip() == "inner"]
+        # --tls-cert and friends (the standard http.server's flags) add the tls layer, last:
+        # after --layer proxy, say, so that the PROXY header is read in clear first.
+        tls = tls_options_from_flags(args.tls_cert, args.tls_key, args.tls_password_file)
+        layers = [*args.layer, "tls"] if tls and "tls" not in args.layer else list(args.layer)
+        base = registry.compose(transport, args.concurrency, layers=layers, plugins=plugins,
+                                options={"inner": inner[-1]} if inner else None)
+        settings: dict[str, Any] = {
+            "request_queue_size": SERVE_BACKLOG,
+            "drain_timeout": SERVE_DRAIN_TIMEOUT,
+            "allow_reuse_address": True,
+            **SERVE_LIMITS,
+            **tls,  # --option certfile=... given too overrides the flag
+        }
+        if len(listens) > 1 and "ipv6_only" in declared_option_names(base):
+            # Each address serves what it names: [::]:P beside 0.0.0.0:P must not claim the
+            # IPv4 port too (the system default on Linux), or the second bind fails.
+            settings["ipv6_only"] = True
+        server_class = with_options(base, settings)
+        option_texts = list(args.option)
+        if args.workers is not None:
+            option_texts.insert(0, f"workers={args.workers}")  # an explicit -o workers= wins
+        elif os.environ.get("WEB_CONCURRENCY") and "workers" in declared_option_names(server_class):
+            try:
+                option_texts.insert(0, f"workers={worker_count(os.environ['WEB_CONCURRENCY'])}")
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"WEB_CONCURRENCY: {exc}") from None
+        options = parse_command_line_options(server_class, option_texts, unknown_hint=option_declared_by)
+        server_class = with_options(server_class, options)
+        if len(listens) > 1 and getattr(server_class, "reuse_port", False):
+            raise UsageError("reuse_port binds one socket per worker for one address; with several "
+                             "addresses turn it off (the workers share every socket)")
+        extra: dict[str, Any] = {}
+        if _forks_workers(server_class):
+            extra["cli_handler"] = (spec, fresh)
+        mixins = ((_FreshHandlerImport,) if extra else ()) + ((_LogHandlerErrors,) if log_file else ())
+        if mixins:
+            # Named as the composed class: the startup line and the tests read that name.
+            extra.update(__module__=server_class.__module__, __qualname__=server_class.__qualname__)
+            server_class = type(server_class.__name__, (*mixins, server_class), extra)
+        server = _first_server(server_class, transport, first, handler)
+        shown = [_show(server.server_address)]
+        try:
+            for listen in listens[1:]:
+                shown.append(_add(server, listen))
+        except BaseException:
+            server.server_close()
+            raise
+        names = {"transport": transport, "concurrency": args.concurrency,
+                 "layers": ", ".join(layers) or "none", "plugins": ", ".join(plugin_names)}
+        if stats is not None and stats.metrics_address is not None:
+            host, port = stats.metrics_address
+            names["metrics"] = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+        return server, shown, base, names
     except BaseException:
-        server.server_close()
+        if stats is not None:
+            stats.close()  # nothing left listening when the server cannot be built
         raise
-    names = {"transport": transport, "concurrency": args.concurrency,
-             "layers": ", ".join(layers) or "none", "plugins": ", ".join(plugin_names)}
-    return server, shown, base, names
 
 
 def _first_server(server_class: Any, transport: str, first: Listen, handler: type) -> Any:
@@ -411,6 +427,8 @@ def _run(server: Any, base: type, shown: list[str], described: str, names: dict[
              f"{also}; Ctrl-C to stop")
         _say(log_handler, f"sockserve: {_setup(server, names)}")
         _say(log_handler, f"sockserve: limits: {_limits(server)}")
+        if "metrics" in names:
+            _say(log_handler, f"sockserve: metrics on {names['metrics']}")
         try:
             server.serve_forever(SERVE_POLL_INTERVAL)
         except Exception as exc:  # the supervisor gave up (every worker failed), say

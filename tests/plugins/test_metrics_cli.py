@@ -15,7 +15,6 @@ import pytest
 
 from support import ask_stream, clean_env, read_banner, requires_fork, sockserve_process
 
-pytestmark = pytest.mark.skip(reason="needs CLI wiring")
 
 METRICS_LINE = re.compile(rb"sockserve: metrics on http://(\S+):(\d+)/metrics\n")
 SERVING = re.compile(rb"serving on (\S+):(\d+) with")
