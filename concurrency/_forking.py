@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
 import threading
 from typing import Any, TYPE_CHECKING
 
 import attrs
 
 from ..core._options import count, declare_options, flag
-from ._supervise import exit_child
+from ._supervise import exit_child, stop_listening
 from ._drain import drain_deadline, reap, stop_processes
 
 __all__ = ["ForkingMixIn", "exit_child"]
@@ -94,9 +93,7 @@ class ForkingMixIn(_ServerClass):
         # server.shutdown() would wake the parent's loop), nor keep the listening socket
         # open (clients would connect to it after the parent closed it).
         self.after_fork()
-        listening = getattr(self, "socket", None)
-        if listening is not None and listening.type == socket.SOCK_STREAM:
-            listening.close()
+        stop_listening(self)  # every stream listening socket (add_listener's too)
         # The drain's SIGTERM at its deadline (not a handler inherited from the parent,
         # such as the command line's): the connection is cut off through cut_off(), so
         # the socket a layer made (TLS) is shut down and the handler returns.

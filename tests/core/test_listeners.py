@@ -229,3 +229,23 @@ def test_add_listener_listens_on_a_bound_socket_and_close_listeners_closes_it():
     finally:
         sock.close()
         server.server_close()
+
+
+class ListenersClosed(sockserve.BaseRequestHandler):
+    """Replies whether this process still holds any of the server's listening sockets."""
+
+    def handle(self):
+        read_to_eof(self.request)
+        held = [s for s in self.server.listeners if s.fileno() != -1]
+        self.request.sendall(b"held %d" % len(held))
+
+
+@requires_fork
+def test_a_forking_child_closes_every_listening_socket_not_only_its_own():
+    with no_leaks():
+        server = sockserve.ForkingTCPServer(("127.0.0.1", 0), ListenersClosed)
+        second = server.add_address(("127.0.0.1", 0))
+        with serving(server):
+            assert ask(server.server_address, b"x") == b"held 0"
+            assert ask(second, b"x") == b"held 0"
+        assert_bindable(second)
