@@ -112,6 +112,19 @@ class Server(Protocol):
         """Refuse an admitted request: ``sockserve_request_denied`` fires, then it is shut down."""
         ...
 
+    @property
+    def listeners(self) -> tuple[Any, ...]:
+        """Every socket the server accepts on: its own first, then ``add_listener``'s."""
+        ...
+
+    def add_listener(self, sock: Any) -> None:
+        """Serve *sock* too (bound, of the server's socket type); before ``serve_forever``."""
+        ...
+
+    def close_listeners(self) -> None:
+        """Close the sockets ``add_listener`` added (``server_close`` does)."""
+        ...
+
     # -- the documented methods a strategy or layer chains to or calls
 
     def fileno(self) -> int: ...
