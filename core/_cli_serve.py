@@ -132,7 +132,7 @@ def _parse_listens(addresses: list[str]) -> list[Listen]:
 def _adopt(listens: list[Listen]) -> list[Listen]:
     """The passed sockets of ``fd://N``, ``systemd`` and ``systemd:NAME``: ``systemd``
     stands for every socket passed (several, one Listen each)."""
-    from ..transports._systemd import adopt, is_activation_address
+    from ..transports._systemd import adopt, adopt_all, is_activation_address
 
     out: list[Listen] = []
     try:
@@ -140,7 +140,7 @@ def _adopt(listens: list[Listen]) -> list[Listen]:
             if not is_activation_address(listen.text):
                 out.append(listen)
             elif listen.text == "systemd":
-                out.extend(Listen(listen.text, None, None, sock) for sock in _adopt_every())
+                out.extend(Listen(listen.text, None, None, sock) for sock in adopt_all("systemd"))
             else:
                 out.append(Listen(listen.text, None, None, adopt(listen.text)))
     except BaseException:
@@ -149,33 +149,6 @@ def _adopt(listens: list[Listen]) -> list[Listen]:
                 done.sock.close()
         raise
     return out
-
-
-def _adopt_every() -> list[socket.socket]:
-    """Every socket systemd passed (``adopt("systemd")`` refuses more than one).
-
-    Works around ``transports/_systemd.py`` having no public call for all of them (its
-    ``adopt`` says "serving several at once is not supported yet"): the list of passed
-    descriptors is read with its private helpers, then each is adopted by number.
-    """
-    from ..transports import _systemd
-
-    with _systemd._lock:
-        passed, _ = _systemd._passed_sockets()
-        free = [fd for fd, _ in passed if fd not in _systemd._claimed]
-    if len(passed) <= 1 or not free:
-        return [_systemd.adopt("systemd")]  # its own messages: nothing passed, adopted already
-    sockets: list[socket.socket] = []
-    try:
-        for fd in free:
-            sockets.append(_systemd.adopt(f"fd://{fd}"))
-            with _systemd._lock:
-                _systemd._claimed.add(fd)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
 
 
 def _load_handler_fresh(spec: str) -> tuple[type, tuple[str, ...]]:

@@ -233,10 +233,9 @@ def adopt(spec: str) -> socket.socket:
         if name is None:
             choice = [(fd, n) for fd, n in passed if fd not in _claimed]
             if len(passed) > 1:
-                # Until one server serves several addresses, one must be chosen by name.
                 raise ActivationError(
-                    f"systemd: {len(passed)} sockets were passed ({listing}); serving several "
-                    "at once is not supported yet: choose one with systemd:NAME"
+                    f"systemd: {len(passed)} sockets were passed ({listing}); choose one with "
+                    "systemd:NAME, or serve them all (adopt_all; sockserve serve does)"
                 )
         else:
             choice = [(fd, n) for fd, n in passed if n == name]
@@ -244,8 +243,8 @@ def adopt(spec: str) -> socket.socket:
                 raise ActivationError(f"{spec}: no socket named {name!r} was passed; passed: {listing}")
             if len(choice) > 1:
                 raise ActivationError(
-                    f"{spec}: {len(choice)} sockets are named {name!r} ({listing}); serving "
-                    "several at once is not supported yet: give each its own FileDescriptorName="
+                    f"{spec}: {len(choice)} sockets are named {name!r} ({listing}); give each "
+                    "its own FileDescriptorName=, or serve them all (adopt_all)"
                 )
         if not choice or choice[0][0] in _claimed:
             raise ActivationError(f"{spec}: the socket ({listing}) is adopted already")
@@ -253,6 +252,49 @@ def adopt(spec: str) -> socket.socket:
         sock = _socket_at(fd, f"{spec} ({choice[0][1]!r})")
         _claimed.add(fd)
     return sock
+
+
+def adopt_all(spec: str = "systemd") -> list[socket.socket]:
+    """Return every socket an activation address names, for one server to serve them all
+    (``from_socket`` with the first, ``add_listener`` with the others).
+
+    - ``systemd``: every passed socket not adopted yet, in ``LISTEN_FDS`` order;
+    - ``systemd:NAME``: every passed socket named NAME;
+    - ``fd://N``: that one socket.
+
+    On failure no socket is left open and none counts as adopted.
+
+    :raises ActivationError: as ``adopt`` does; also when every passed socket was adopted.
+    """
+    if spec.startswith("fd://"):
+        return [adopt(spec)]
+    if spec != "systemd" and not spec.startswith("systemd:"):
+        raise ActivationError(f"{spec!r} is not a socket-activation address; expected {ACTIVATION_SHAPES}")
+    name = spec[len("systemd:"):] if spec.startswith("systemd:") else None
+    with _lock:
+        passed, why = _passed_sockets()
+        if not passed:
+            raise ActivationError(
+                f"{spec}: no sockets were passed to this process ({why}); start it from a "
+                "systemd .socket unit or systemd-socket-activate, or give another address"
+            )
+        listing = ", ".join(f"{n!r} (fd {fd})" for fd, n in passed)
+        chosen = [(fd, n) for fd, n in passed if name is None or n == name]
+        if not chosen:
+            raise ActivationError(f"{spec}: no socket named {name!r} was passed; passed: {listing}")
+        chosen = [(fd, n) for fd, n in chosen if fd not in _claimed]
+        if not chosen:
+            raise ActivationError(f"{spec}: every socket it names ({listing}) is adopted already")
+        sockets: list[socket.socket] = []
+        try:
+            for fd, n in chosen:
+                sockets.append(_socket_at(fd, f"{spec} ({n!r})"))
+        except BaseException:
+            for sock in sockets:
+                sock.detach()  # not ours to close: systemd passed it, it stays unadopted
+            raise
+        _claimed.update(fd for fd, _ in chosen)
+    return sockets
 
 
 def _forget() -> None:

@@ -1,9 +1,10 @@
 """Socket activation and sd_notify, for code that builds its servers itself.
 
 ``adopt("systemd")`` (or ``"systemd:NAME"``, ``"fd://N"``) returns a socket passed by
-systemd; ``TCPServer.from_socket(sock, Handler)`` (every transport's class has it) serves
-on it; ``transport_for(sock)`` names the transport that fits; ``notify("READY=1")`` talks
-to ``$NOTIFY_SOCKET``. See docs/operations.md, "systemd".
+systemd, ``adopt_all("systemd")`` every one of them; ``TCPServer.from_socket(sock,
+Handler)`` (every transport's class has it) serves on one, ``add_listener`` on the others;
+``transport_for(sock)`` names the transport that fits; ``notify("READY=1")`` talks to
+``$NOTIFY_SOCKET``. See docs/operations.md, "systemd".
 """
 
 from ._systemd import (
@@ -11,6 +12,7 @@ from ._systemd import (
     ActivationError,
     SocketMismatchError,
     adopt,
+    adopt_all,
     listen_fds,
     notify,
     transport_for,
@@ -21,6 +23,7 @@ __all__ = [
     "ActivationError",
     "SocketMismatchError",
     "adopt",
+    "adopt_all",
     "listen_fds",
     "notify",
     "transport_for",
