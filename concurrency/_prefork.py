@@ -155,12 +155,12 @@ class PreforkMixIn(_ServerClass):
             self.after_fork()
             self.worker_id, self._slots, self._status = slot, None, status
             stop_on_signals(self, worker=True)
-            unblock()  # a stop already sent runs now
             if self.reuse_port:
                 reuse_port_socket(self)
             # Workers that lose the race for a connection get EAGAIN from accept(), not a block.
             self.socket.setblocking(False)
             self._limit = request_limit(self)
+            unblock()  # a stop already sent runs now (it closes the listening sockets)
             self.call_hook("post_fork", worker_id=slot)
 
         return run_worker(self, status, start, lambda: self.serve_forever(POLL_INTERVAL))
