@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any, NamedTuple
 
 from ._cli_parse import (
@@ -469,11 +470,18 @@ def _capacity(server: Any) -> str:
 
 
 def _reload(server: Any) -> None:
+    from ..transports._systemd import notify  # nothing is sent without $NOTIFY_SOCKET
+
+    # systemd's Type=notify-reload protocol: RELOADING=1 with the monotonic time, then
+    # READY=1 once done (also when it failed: the old state keeps serving).
+    notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
     try:
         done = server.reload()
     except Exception:  # a layer that raises instead of keeping its old state
         log.exception("sockserve: reload failed; serving on with what was loaded before")
         return
+    finally:
+        notify("READY=1")
     if done is False:
         log.error("sockserve: reload incomplete: kept what was loaded before where new "
                   "files were bad (see above)")

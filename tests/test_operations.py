@@ -379,3 +379,38 @@ def test_a_second_term_during_the_drain_exits_at_once(app):
             serve.signal(signal.SIGTERM)
             serve.proc.wait(5)
             assert time.monotonic() - second < 2
+
+
+def test_hup_under_systemd_notifies_reloading_then_ready(app, tmp_path):
+    """Type=notify-reload: RELOADING=1 with MONOTONIC_USEC, then READY=1, from the
+    supervisor only."""
+    path = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.settimeout(10)
+    messages: list[str] = []
+
+    def until(text: str) -> str:
+        while True:
+            message = receiver.recv(4096).decode()
+            messages.append(message)
+            if message.startswith(text):
+                return message
+
+    try:
+        with prefork(app, workers=2, NOTIFY_SOCKET=path) as serve:
+            serve.wait_for(READY.pattern, count=2)
+            until("READY=1")
+            before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            serve.signal(signal.SIGHUP)
+            reloading = until("RELOADING=1")
+            usec = int(re.search(r"MONOTONIC_USEC=(\d+)", reloading).group(1))
+            assert before <= usec <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            until("READY=1")
+            assert serve.wait_for(r"reload done")
+            assert serve.stop() == 0
+            until("STOPPING=1")
+    finally:
+        receiver.close()
+    assert [m.split("\n")[0] for m in messages if not m.startswith("WATCHDOG")][:4] == \
+        ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
