@@ -40,7 +40,7 @@ import os
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, TypeVar
 
@@ -68,12 +68,13 @@ def plugin_state(server: object, key: object, factory: Callable[[], T]) -> T:
     its parent's, like every other Python object; make the state (a ``SharedCounters``)
     before the fork, at ``sockserve_server_activate``, for the child to share it.
     """
-    states: dict[object, Any] | None = vars(server).get(_STATE_ATTR)
+    # The instance's own __dict__ (as vars() would give, not a class attribute), read
+    # without the vars() call: plugins call this on every request.
+    states: dict[object, Any] | None = server.__dict__.get(_STATE_ATTR)
     if states is not None:
-        try:
-            return states[key]
-        except KeyError:
-            pass
+        found = states.get(key)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
     with _state_lock:
         states = vars(server).setdefault(_STATE_ATTR, {})
         assert states is not None
@@ -192,6 +193,7 @@ class SharedCounters:
         self._stride = len(names) + len(gauges) + 1
         self._rows = slots + 1
         self._index = {name: i + 1 for i, name in enumerate(names)}
+        self._counted = len(names)
         self._gauge_index = {name: len(names) + i + 1 for i, name in enumerate(gauges)}
         self._map = mmap.mmap(-1, self._stride * self._rows * 8)  # MAP_SHARED | MAP_ANONYMOUS
         self._view = memoryview(self._map).cast("q")
@@ -253,6 +255,68 @@ class SharedCounters:
                 with _between_processes():
                     for i, amount in pairs:
                         view[i] += amount
+
+    def index(self, name: str) -> int:
+        """Return where counter *name* is kept, for ``add_at``: look it up once, add by it
+        on every request (a name lookup and its error handling cost more than the add).
+
+        :raises KeyError: no counter has that name; the message lists them.
+        """
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f"no counter {name!r}; counters: {', '.join(self._names)}") from None
+
+    def add_at(self, index: int, amount: int = 1) -> None:
+        """Add *amount* to the counter at *index* (from ``index(name)``): ``add`` without
+        the name lookup, for hot paths.
+
+        :raises IndexError: *index* is not one ``index()`` returns.
+        """
+        if not 0 < index <= self._counted:  # a wrong one would write another cell
+            raise IndexError(f"no counter at {index!r}")
+        # acquire/release, not ``with``: the context manager costs twice as much here
+        # (0.6 against 0.3 µs on the benchmark machine), and this runs per request.
+        lock = self._lock
+        lock.acquire()
+        try:
+            row = self._row
+            if row is None:
+                row = self._row = self._claim()
+            if row:
+                self._view[row + index] += amount
+            else:
+                with _between_processes():
+                    self._view[index] += amount
+        finally:
+            lock.release()
+
+    def add_many_at(self, amounts: Sequence[tuple[int, int]]) -> None:
+        """Add each ``(index, amount)`` of *amounts* under one lock: ``add_many`` by the
+        counters' ``index``, for hot paths (a request's outcome, bucket and duration).
+
+        :raises IndexError: an index is not one ``index()`` returns; nothing was added.
+        """
+        counted = self._counted
+        for i, _ in amounts:  # a plain loop: all() of a generator costs more than the adds
+            if not 0 < i <= counted:
+                raise IndexError(f"no counter at {i!r}")
+        lock = self._lock  # acquire/release: see add_at
+        lock.acquire()
+        try:
+            row = self._row
+            if row is None:
+                row = self._row = self._claim()
+            view = self._view
+            if row:
+                for i, amount in amounts:
+                    view[row + i] += amount
+            else:
+                with _between_processes():
+                    for i, amount in amounts:
+                        view[i] += amount
+        finally:
+            lock.release()
 
     def set(self, name: str, value: int) -> None:
         """Set this process's value of gauge *name* (see the class docstring).
