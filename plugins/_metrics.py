@@ -33,6 +33,7 @@ __all__ = [
     "cell",
     "counter_cells",
     "gauge_cells",
+    "limit_label",
     "families",
     "proxy_series",
     "rejected_reason",
@@ -81,6 +82,11 @@ PROXY_SERIES: Final = (("1", "PROXY"), ("2", "PROXY"), ("2", "LOCAL"))
 #: sockserve_worker_exit's reasons that are restarts ("stop" is not).
 RESTARTS: Final = ("max_requests", "timeout", "crash", "reload", "scale", "other")
 REQUEST_OUTCOMES: Final = ("ok", "error", "timeout")
+#: The keys of a server's ``requests_timed_out`` (idle_timeout, request_timeout).
+TIMEOUT_LIMITS: Final = ("idle", "request", "other")
+#: The keys of a server's ``limits_reached`` (max_connections paused accepting; every
+#: pool thread was busy and a request waited).
+LIMITS_REACHED: Final = ("max_connections", "threads", "other")
 WORKER_STATES: Final = ("starting", "ready", "aborting")
 
 
@@ -108,7 +114,8 @@ def _one(label: str, values: Iterable[str]) -> dict[str, object]:
 #: Every metric, in exposition order (docs/operations.md lists the same).
 METRICS: Final = (
     Metric("sockserve_connections_accepted_total", "counter",
-           "Connections accepted (before verify_request)."),
+           "Connections accepted (counted when the handler starts or the connection is "
+           "refused)."),
     Metric("sockserve_connections_active", "gauge",
            "Connections held now: waiting for their first byte, queued or running."),
     Metric("sockserve_connections_rejected_total", "counter",
@@ -119,6 +126,13 @@ METRICS: Final = (
     Metric("sockserve_requests_total", "counter",
            "Requests handled, by outcome (error: the handler raised; timeout: idle_timeout).",
            **_one("outcome", REQUEST_OUTCOMES)),  # type: ignore[arg-type]
+    Metric("sockserve_requests_timed_out_total", "counter",
+           "Requests ended by a limit: idle (idle_timeout), request (request_timeout).",
+           **_one("limit", TIMEOUT_LIMITS)),  # type: ignore[arg-type]
+    Metric("sockserve_limits_reached_total", "counter",
+           "Times a limit was reached: max_connections (accepting paused), threads (a "
+           "request waited for a pool thread).",
+           **_one("limit", LIMITS_REACHED)),  # type: ignore[arg-type]
     Metric("sockserve_request_duration_seconds", "histogram",
            "Time handlers took, from request start to finish.", buckets=BUCKETS),
     Metric("sockserve_tls_handshake_duration_seconds", "histogram",
@@ -186,6 +200,11 @@ def restart_reason(reason: str) -> str | None:
     if reason == "stop":
         return None
     return reason if reason in RESTARTS else "other"
+
+
+def limit_label(key: str, values: tuple[str, ...]) -> str:
+    """The ``limit`` label of a ``requests_timed_out`` or ``limits_reached`` key."""
+    return key if key in values else "other"
 
 
 def proxy_series(version: int, command: str) -> tuple[str, str] | None:

@@ -377,3 +377,92 @@ def test_a_prometheus_client_registry_collects_the_same_values():
     assert {k: v for k, v in theirs.items() if not k[0].endswith("_created")} == ours
     with pytest.raises(TypeError, match="Collector needs a server"):
         Collector(object())
+
+
+class Silent(sockserve.BaseRequestHandler):
+    """Wait for data that never comes (until idle_timeout ends the request)."""
+
+    def handle(self) -> None:
+        self.request.recv(1)
+
+
+class HoldUntil(sockserve.BaseRequestHandler):
+    release = threading.Event()
+
+    def handle(self) -> None:
+        self.request.recv(1)
+        self.release.wait(10)
+        self.request.sendall(b"ok")
+
+
+@pytest.mark.parametrize("concurrency", ["threadpool", pytest.param("prefork", marks=requires_fork)])
+def test_requests_timed_out_are_exported_by_limit(concurrency):
+    """Three silent clients past idle_timeout: requests_timed_out{limit="idle"} is 3."""
+    stats = Stats(metrics_address=("127.0.0.1", 0))
+    options: dict[str, Any] = {"idle_timeout": 0.2, "first_byte_timeout": 0}
+    if concurrency == "prefork":
+        options["workers"] = 1
+    server = sockserve.compose("tcp", concurrency, plugins=[stats], options=options)(
+        ("127.0.0.1", 0), Silent)
+    with serving(server):
+        for _ in range(3):
+            with socket.create_connection(server.server_address, timeout=10) as client:
+                assert read_to_eof(client) == b""  # closed by the server after 0.2 s
+
+        def timed_out() -> float:
+            return value(samples(scrape(stats)[1]), "sockserve_requests_timed_out_total",
+                         limit="idle")
+
+        assert wait_until(lambda: timed_out() == 3, timeout=10), timed_out()
+        found = samples(scrape(stats)[1])
+    assert value(found, "sockserve_requests_total", outcome="timeout") == 3
+    assert value(found, "sockserve_requests_timed_out_total", limit="request") == 0
+
+
+def test_limits_reached_are_exported_by_limit():
+    """A full pool of 1 thread makes a second request wait: limits_reached{limit="threads"}."""
+    stats = Stats(metrics_address=("127.0.0.1", 0))
+    HoldUntil.release.clear()
+    server = sockserve.compose("tcp", "threadpool", plugins=[stats], options={"threads": 1})(
+        ("127.0.0.1", 0), HoldUntil)
+    clients = []
+    try:
+        with serving(server):
+            for _ in range(2):
+                client = socket.create_connection(server.server_address, timeout=10)
+                client.sendall(b"x")
+                clients.append(client)
+            assert wait_until(lambda: server.limits_reached["threads"] == 1, timeout=10)
+
+            def reached() -> float:
+                return value(samples(scrape(stats)[1]), "sockserve_limits_reached_total",
+                             limit="threads")
+
+            assert reached() == 1  # a scrape copies the server's counts first
+            HoldUntil.release.set()
+            for client in clients:
+                assert read_to_eof(client) == b"ok"
+            found = samples(scrape(stats)[1])
+    finally:
+        HoldUntil.release.set()
+        for client in clients:
+            client.close()
+    assert value(found, "sockserve_limits_reached_total", limit="threads") == 1
+    assert value(found, "sockserve_limits_reached_total", limit="max_connections") == 0
+
+
+def test_a_running_connection_is_counted_accepted_before_it_ends():
+    stats = Stats(metrics_address=("127.0.0.1", 0))
+    HoldUntil.release.clear()
+    server = sockserve.compose("tcp", "threadpool", plugins=[stats])(("127.0.0.1", 0), HoldUntil)
+    try:
+        with serving(server):
+            with socket.create_connection(server.server_address, timeout=10) as client:
+                client.sendall(b"x")
+                assert wait_until(lambda: value(samples(scrape(stats)[1]),
+                                                "sockserve_connections_accepted_total") == 1,
+                                  timeout=10)
+                HoldUntil.release.set()
+                assert read_to_eof(client) == b"ok"
+    finally:
+        HoldUntil.release.set()
