@@ -66,8 +66,9 @@ def haproxy_config(frontend: int, servers: dict[str, int], admin: str) -> str:
         "    retries 3",
         "    option redispatch 1",
         # conn-failure: refused while an instance is down and not yet seen DOWN;
-        # empty-response: a connection the kernel queued on a stopping prefork instance,
-        # reset when its listener closes (the parent holds it open through the drain);
+        # empty-response: a connection the kernel had queued on a stopping instance's
+        # listener, reset when it closes at SIGTERM (without this: 0-1 failures per run,
+        # 6-8 before the listeners were closed at SIGTERM instead of after the drain);
         # response-timeout: a server that hangs (none here). All three only for requests
         # HAProxy holds whole (a GET, or a body that fits in a buffer).
         "    retry-on conn-failure empty-response response-timeout",
