@@ -14,8 +14,8 @@ How the counts stay right across processes (``SharedCounters``): the counters ar
 row; a dead process's row is reused with its counts kept, so no counter goes backwards and
 the memory is fixed. Gauges (connections active, pool threads busy, queue depth) are
 values each process sets for itself when they changed, from its serving thread's
-``service_actions`` (a loop turn at least ``PUBLISH_INTERVAL`` after the last one; the
-loop turns after each request and at least every poll interval) and when it scrapes;
+``service_actions`` (every loop turn: after each request, at least every poll interval)
+and when it scrapes;
 only live processes count. The workers-by-state gauge is the supervisor's own bookkeeping
 of the prefork hooks. The server's own per-process counters (``requests_timed_out``,
 ``limits_reached``) are copied in as they grow (``_ServerStats.mirror``).
@@ -64,12 +64,6 @@ _LIMITS = "sockserve_limits_reached_total"
 #: costs one clock read); a request that timed out is copied at once, and so is
 #: everything at serve_stop and at each scrape of this process.
 MIRROR_INTERVAL: Final = 0.1
-#: Seconds between two publications of this process's gauges from service_actions: a
-#: loop turn in between costs one clock read instead of reading the server's four
-#: figures (about 1.5 µs, paid once per request by a sync server). A gauge is then at
-#: most this old, or one poll interval when the loop is idle; a scrape of this process
-#: publishes first.
-PUBLISH_INTERVAL: Final = 0.01
 _perf_counter = time.perf_counter
 _monotonic = time.monotonic
 _bisect = bisect.bisect_left
@@ -141,7 +135,6 @@ class _ServerStats:
         #: requests_timed_out / limits_reached values already added: (metric, key) -> n.
         self.mirrored: dict[tuple[str, str], int] = {}
         self.next_mirror = 0.0
-        self.next_publish = 0.0
         self.mirror_lock = threading.Lock()
         self.mirror_generation = _generation
         self.starting: collections.Counter[int] = collections.Counter()  # slot -> forked
@@ -310,12 +303,11 @@ class Stats:
     @hookimpl
     def sockserve_service_actions(self, server: Any) -> None:
         state = plugin_state(server, self, _ServerStats)
-        now = _monotonic()
-        if now >= state.next_publish:
-            state.next_publish = now + PUBLISH_INTERVAL
-            state.publish(server, force=False)
-            if now >= state.next_mirror:
-                state.mirror(server)
+        # Every turn (about 1.5 µs when nothing changed): a throttle would leave a sync
+        # worker's gauges stale for the whole of a long request, its loop blocked in it.
+        state.publish(server, force=False)
+        if _monotonic() >= state.next_mirror:
+            state.mirror(server)
 
     @hookimpl
     def sockserve_serve_stop(self, server: Any) -> None:
@@ -344,6 +336,12 @@ class Stats:
         state = plugin_state(server, self, _ServerStats)
         if state.generation != _generation:
             state.publish(server)  # a forked child (forking strategy) that runs no loop
+        elif state.published[0] == 0:
+            # Published as idle, and this one runs: say so now. A sync worker's loop does
+            # not turn (no service_actions) until the request ends, however long it runs;
+            # the next turn publishes the exact figures.
+            state.counters.set(ACTIVE, 1)
+            state.published = (1, *state.published[1:])
         kind = request.__class__
         if (kind is not _SOCKET and kind is not tuple) or client_address.__class__ is not tuple:
             layers = _layer_cells(request, client_address)

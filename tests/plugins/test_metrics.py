@@ -369,8 +369,16 @@ def test_a_prometheus_client_registry_collects_the_same_values():
     with serving(server):
         for payload in (b"a", b"fail", b"b"):
             ask(server, payload)
-        assert wait_until(lambda: samples(generate_latest(registry).decode()).get(
-            ("sockserve_requests_total", (("outcome", "ok"),))) == 2, timeout=5)
+
+        def settled() -> bool:
+            # The client sees EOF before the pool thread leaves run_request: wait for the
+            # gauges too, or the two scrapes below may see a connection still active.
+            found = samples(generate_latest(registry).decode())
+            return (found.get(("sockserve_requests_total", (("outcome", "ok"),))) == 2
+                    and found.get(("sockserve_connections_active", ())) == 0
+                    and found.get(("sockserve_pool_threads_busy", ())) == 0)
+
+        assert wait_until(settled, timeout=5)
         theirs = samples(generate_latest(registry).decode())
         ours = samples(stats.render(server).decode())
     # prometheus_client adds _created samples to counters of its own; the rest agree.
