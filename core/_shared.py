@@ -74,7 +74,7 @@ def plugin_state(server: object, key: object, factory: Callable[[], T]) -> T:
     if states is not None:
         found = states.get(key)
         if found is not None:
-            return found  # type: ignore[no-any-return]
+            return found
     with _state_lock:
         states = vars(server).setdefault(_STATE_ATTR, {})
         assert states is not None
