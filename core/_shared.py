@@ -218,19 +218,7 @@ class SharedCounters:
         :raises KeyError: no counter has that name; the message lists them.
         :raises ValueError: the counters were closed in this process.
         """
-        try:
-            index = self._index[name]
-        except KeyError:
-            raise KeyError(f"no counter {name!r}; counters: {', '.join(self._names)}") from None
-        with self._lock:
-            row = self._row
-            if row is None:
-                row = self._row = self._claim()
-            if row:
-                self._view[row + index] += amount
-            else:
-                with _between_processes():
-                    self._view[index] += amount
+        self.add_at(self.index(name), amount)
 
     def add_many(self, amounts: Iterable[tuple[str, int]]) -> None:
         """Add each ``(name, amount)`` of *amounts*, under one lock: ``add`` for several
@@ -238,23 +226,7 @@ class SharedCounters:
 
         :raises KeyError: a name is not a counter; nothing was added.
         """
-        index = self._index
-        try:
-            pairs = [(index[name], amount) for name, amount in amounts]
-        except KeyError as exc:
-            raise KeyError(f"no counter {exc.args[0]!r}; counters: {', '.join(self._names)}") from None
-        with self._lock:
-            row = self._row
-            if row is None:
-                row = self._row = self._claim()
-            view = self._view
-            if row:
-                for i, amount in pairs:
-                    view[row + i] += amount
-            else:
-                with _between_processes():
-                    for i, amount in pairs:
-                        view[i] += amount
+        self.add_many_at([(self.index(name), amount) for name, amount in amounts])
 
     def index(self, name: str) -> int:
         """Return where counter *name* is kept, for ``add_at``: look it up once, add by it
