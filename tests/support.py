@@ -260,6 +260,18 @@ def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
+@contextlib.contextmanager
+def no_stray_children() -> Iterator[None]:
+    """Fail, and kill by pid, any child process left running by the block (prefork tests)."""
+    before = child_pids()
+    yield
+    stray = child_pids() - before
+    for pid in stray:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert not stray, f"worker processes left running: {sorted(stray)}"
+
+
 def child_pids(parent: int | None = None) -> set[int]:
     """Process ids of the children (live or zombie) of *parent*, by default this process."""
     me = os.getpid() if parent is None else parent

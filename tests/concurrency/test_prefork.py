@@ -17,6 +17,7 @@ import pytest
 
 import sockserve
 from support import (
+    no_stray_children,
     child_pids,
     connect,
     is_running,
@@ -48,13 +49,8 @@ def read_line(sock: socket.socket) -> bytes:
 @pytest.fixture(autouse=True)
 def no_stray_workers():
     """Fail, and kill by pid, any worker process a test leaves running."""
-    before = child_pids()
-    yield
-    stray = child_pids() - before
-    for pid in stray:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    assert not stray, f"worker processes left running: {sorted(stray)}"
+    with no_stray_children():
+        yield
 
 
 class PidHandler(sockserve.BaseRequestHandler):

@@ -17,7 +17,7 @@ import pytest
 
 import sockserve
 from sockserve.concurrency import WorkerBootError
-from support import child_pids, requires_fork, serving, start_serving, wait_until
+from support import no_stray_children, child_pids, requires_fork, serving, start_serving, wait_until
 
 pytestmark = [requires_fork, pytest.mark.requires_fork]
 
@@ -27,13 +27,8 @@ LOOPBACK = ("127.0.0.1", 0)
 @pytest.fixture(autouse=True)
 def no_stray_workers():
     """Fail, and kill by pid, any worker process a test leaves running."""
-    before = child_pids()
-    yield
-    stray = child_pids() - before
-    for pid in stray:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    assert not stray, f"worker processes left running: {sorted(stray)}"
+    with no_stray_children():
+        yield
 
 
 class PidHandler(sockserve.StreamRequestHandler):
