@@ -12,6 +12,7 @@ are: options in ``_options``, activation in ``transports/_systemd``, TLS flags i
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import platform
 import sys
@@ -29,6 +30,7 @@ from ._cli_parse import (
 )
 from ._cli_serve import SERVE_BACKLOG, serve
 from ._errors import PluginClashWarning, PluginLoadError, SockserveError
+from ._hooks import AUTOLOAD_ENV, BLOCK_ENV
 from ._registry import registry
 
 __all__ = ["main", "parse_address", "split_targets", "UsageError", "SERVE_BACKLOG"]
@@ -129,7 +131,9 @@ def _environment_args(parser: argparse.ArgumentParser, argv: list[str]) -> list[
     """``serve``'s flags from ``SOCKSERVE_<FLAG>`` variables (``SOCKSERVE_TLS_CERT``,
     ``SOCKSERVE_WORKERS``...), for those the command line does not give: it wins.
     Repeatable flags take several values separated by spaces (``SOCKSERVE_OPTION=
-    "threads=8 drain_timeout=5"``). A bad value is a usage error naming the variable."""
+    "threads=8 drain_timeout=5"``). A bad value is a usage error naming the variable, and
+    so is a ``SOCKSERVE_*`` variable that is no setting: a misspelt ``SOCKSERVE_WORKRS=8``
+    would otherwise leave a container serving with the default, unnoticed."""
     serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sub = serve.choices["serve"]
     given = set()
@@ -137,11 +141,11 @@ def _environment_args(parser: argparse.ArgumentParser, argv: list[str]) -> list[
         given.add(token.partition("=")[0])
     extra: list[str] = []
     by_variable: list[tuple[str, list[str]]] = []
-    for action in sub._actions:
-        longs = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
-        if not longs:
-            continue
-        name = "SOCKSERVE_" + longs[0][2:].upper().replace("-", "_")
+    flags = [a for a in sub._actions if any(o.startswith("--") and o != "--help" for o in a.option_strings)]
+    _refuse_unknown_variables([_variable(action) for action in flags])
+    for action in flags:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        name = _variable(action)
         value = os.environ.get(name)
         if value is None or given & set(action.option_strings):
             continue
@@ -166,6 +170,32 @@ def _environment_args(parser: argparse.ArgumentParser, argv: list[str]) -> list[
             except UsageError as exc:
                 raise UsageError(f"environment variable {name}={os.environ[name]!r}: {exc}") from None
     return extra
+
+
+def _variable(action: argparse.Action) -> str:
+    """The ``SOCKSERVE_<FLAG>`` variable of a ``serve`` flag."""
+    long = next(o for o in action.option_strings if o.startswith("--"))
+    return "SOCKSERVE_" + long[2:].upper().replace("-", "_")
+
+
+def _refuse_unknown_variables(settings: list[str]) -> None:
+    """A usage error for a ``SOCKSERVE_*`` variable that is neither a flag's nor the library's."""
+    known = {*settings, AUTOLOAD_ENV, BLOCK_ENV}
+    unknown = sorted(k for k in os.environ if k.startswith("SOCKSERVE_") and k not in known)
+    if not unknown:
+        return
+    name = unknown[0]
+    suffixes = {k[len("SOCKSERVE_"):]: k for k in known}
+    close = difflib.get_close_matches(name[len("SOCKSERVE_"):], sorted(suffixes), n=1, cutoff=0.75)
+    if close:
+        hint = f" (did you mean {suffixes[close[0]]}?)"
+    else:  # SOCKSERVE_THREADS=8 is most likely an option
+        option = name[len("SOCKSERVE_"):].lower()
+        hint = f" (an option goes in SOCKSERVE_OPTION: SOCKSERVE_OPTION='{option}=...')"
+    raise UsageError(
+        f"environment variable {name} is not a sockserve setting{hint}; the settings are "
+        f"SOCKSERVE_<FLAG> for each flag of 'sockserve serve --help', {AUTOLOAD_ENV} and {BLOCK_ENV}"
+    )
 
 
 def _raise_usage(message: str) -> NoReturn:

@@ -470,6 +470,10 @@ def test_workers_from_w_or_web_concurrency(tmp_path):
     ({"SOCKSERVE_LOG_LEVEL": "loud"}, (), "environment variable SOCKSERVE_LOG_LEVEL='loud'"),
     ({}, ("-c", "prefork", "-w", "-1"), "at least 1"),
     ({"WEB_CONCURRENCY": "many"}, ("-c", "prefork"), "WEB_CONCURRENCY"),
+    ({"SOCKSERVE_WORKRS": "8"}, ("-c", "prefork"),
+     "environment variable SOCKSERVE_WORKRS is not a sockserve setting (did you mean SOCKSERVE_WORKERS?)"),
+    ({"SOCKSERVE_THREADS": "8"}, (),
+     "not a sockserve setting (an option goes in SOCKSERVE_OPTION: SOCKSERVE_OPTION='threads=...')"),
 ])
 def test_bad_values_from_the_environment_or_the_command_line_exit_2_naming_them(tmp_path, env, args, says):
     check = () if "SOCKSERVE_CHECK_CONFIG" in env else ("--check-config",)  # never serve
@@ -477,3 +481,15 @@ def test_bad_values_from_the_environment_or_the_command_line_exit_2_naming_them(
     assert result.returncode == 2
     assert says in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_librarys_own_variables_are_settings_too(tmp_path):
+    env = clean_env(SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD="1", SOCKSERVE_BLOCK_PLUGINS="accesslog")
+    result = run_cli("serve", "127.0.0.1:0", "--check-config", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    # ...and the error for one that is not names them, so the user sees what there is.
+    env["SOCKSERVE_BLOCK_PLUGIN"] = "accesslog"
+    result = run_cli("serve", "127.0.0.1:0", "--check-config", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "SOCKSERVE_BLOCK_PLUGIN is not a sockserve setting (did you mean SOCKSERVE_BLOCK_PLUGINS?)" in result.stderr
+    assert "SOCKSERVE_DISABLE_PLUGIN_AUTOLOAD" in result.stderr and "Traceback" not in result.stderr

@@ -1,7 +1,7 @@
 """The PROXY protocol parser (transports/_proxy_header.py), against HAProxy's
 ``proxy-protocol.txt``: a table of valid and invalid headers (each row a reason from the
 specification), every valid header cut at every byte, and generated headers (hypothesis:
-``SOCKSERVE_FUZZ_EXAMPLES`` examples, 10,000 by default; the run of 100,000 is marked
+``PROXY_FUZZ_EXAMPLES`` examples, 10,000 by default; the run of 100,000 is marked
 ``slow``: ``python -m pytest -m slow tests/transports/test_proxy_header.py``).
 
 More than 400 lines: the specification's table of headers is most of it, and belongs in
@@ -33,7 +33,7 @@ from sockserve.transports._proxy_header import (  # noqa: E402
     parse,
 )
 
-EXAMPLES = int(os.environ.get("SOCKSERVE_FUZZ_EXAMPLES", "10000"))
+EXAMPLES = int(os.environ.get("PROXY_FUZZ_EXAMPLES", "10000"))
 SLOW_EXAMPLES = 100_000
 #: The slow run (100,000 examples) runs when this is set (a ``slow`` marker once registered).
 FUZZ = dict(deadline=None, database=None, derandomize=False,
