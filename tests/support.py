@@ -272,33 +272,51 @@ def no_stray_children() -> Iterator[None]:
     assert not stray, f"worker processes left running: {sorted(stray)}"
 
 
-def child_pids(parent: int | None = None) -> set[int]:
-    """Process ids of the children (live or zombie) of *parent*, by default this process."""
-    me = os.getpid() if parent is None else parent
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name may contain spaces; fields after the last ')' are fixed.
-        fields = stat[stat.rindex(b")") + 2:].split()
-        if int(fields[1]) == me:
-            found.add(int(entry))
-    return found
-
-
-def is_running(pid: int) -> bool:
-    """True while *pid* exists and has not exited (a zombie has exited)."""
+def proc_stat(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state, ppid, pgrp,
+    session, ...), or None once *pid* is gone (reaped, or never there)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
+        return None
+    # The command name may contain spaces and parentheses; the fields after the last ')' are fixed.
+    return stat[stat.rindex(b")") + 2:].split()
+
+
+def processes() -> Iterator[tuple[int, list[bytes]]]:
+    """Every process in ``/proc``, zombies too, with its ``proc_stat()`` fields."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := proc_stat(entry)) is not None:
+            yield int(entry), fields
+
+
+def child_pids(parent: int | None = None) -> set[int]:
+    """Process ids of the children (live or zombie) of *parent*, by default this process."""
+    me = os.getpid() if parent is None else parent
+    return {pid for pid, fields in processes() if int(fields[1]) == me}
+
+
+def session_members(sid: int) -> set[int]:
+    """Live (not zombie) processes in session *sid*: for a process started with
+    ``start_new_session=True`` and *sid* its pid, itself and every process it started."""
+    return {pid for pid, fields in processes() if fields[0] != b"Z" and int(fields[3]) == sid}
+
+
+def is_running(pid: int) -> bool:
+    """True while *pid* exists and has not exited (a zombie has exited)."""
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != b"Z"
+
+
+def runs_script(pid: int, path: str) -> bool:
+    """True when *pid* runs the script at *path* (one of its arguments): a pid the
+    system has recycled for another program must not be signalled."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return path.encode() in f.read().split(b"\0")
+    except OSError:
         return False
-    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
 
 
 @contextlib.contextmanager

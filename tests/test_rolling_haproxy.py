@@ -95,27 +95,10 @@ def haproxy_config(frontend: int, servers: dict[str, int], admin: str) -> str:
 # ------------------------------------------------------------------------------ processes
 
 
-def session_members(sid: int) -> set[int]:
-    """Live (not zombie) processes in session *sid*: an instance's supervisor and workers."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()  # state ppid pgrp session ...
-        if fields[0] != b"Z" and int(fields[3]) == sid:
-            found.add(int(entry))
-    return found
-
-
 def stop_by_pid(proc: subprocess.Popen[bytes]) -> None:
     """Teardown: SIGKILL *proc*'s process group (its own session's: its workers too) if
     anything of it still runs, and reap *proc*."""
-    if proc.poll() is None or session_members(proc.pid):
+    if proc.poll() is None or support.session_members(proc.pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(WAIT)
@@ -174,8 +157,8 @@ def sigterm_and_wait(instance: Instance) -> float:
         pytest.fail(f"{instance.marker} still running {WAIT}s after SIGTERM: {instance.log.read_text()}")
     took = time.monotonic() - start
     assert code == 0, f"{instance.marker} exited {code} after SIGTERM: {instance.log.read_text()}"
-    assert support.wait_until(lambda: not session_members(instance.proc.pid), timeout=5), (
-        f"{instance.marker}'s workers outlived it: {session_members(instance.proc.pid)}")
+    assert support.wait_until(lambda: not support.session_members(instance.proc.pid), timeout=5), (
+        f"{instance.marker}'s workers outlived it: {support.session_members(instance.proc.pid)}")
     return took
 
 
@@ -374,7 +357,7 @@ def test_rolling_restart_of_two_prefork_instances_behind_haproxy_fails_no_reques
         assert counts[marker] > 0, f"{marker} served nothing: {summary}"
     assert final_states == {"a": "UP", "b": "UP"}, summary
     assert all(proc.returncode is not None for proc in started)
-    assert not any(session_members(proc.pid) for proc in started), "a process outlived the test"
+    assert not any(support.session_members(proc.pid) for proc in started), "a process outlived the test"
     assert not support.child_pids() & {proc.pid for proc in started}, "an unreaped child"
 
 
