@@ -429,6 +429,45 @@ def probe_autoload(name: str, tmp_path: Path) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
+# ----------------------------------------------------------------- processes torn down by pid
+
+
+def terminate(proc: subprocess.Popen[Any], grace: float = 5.0, reap: float = 5.0) -> None:
+    """Teardown by pid: SIGTERM *proc* if it still runs, SIGKILL it if it has not exited
+    *grace* seconds later, then reap it (waiting up to *reap* seconds).
+
+    Only *proc* itself is signalled, never its process group: for what it started, see
+    ``session_members``.
+    """
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(reap)
+
+
+@contextlib.contextmanager
+def running_haproxy(directory: Path, config: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``haproxy -f DIRECTORY/haproxy.cfg -db`` with *config*, in its own session,
+    its output in ``DIRECTORY/haproxy.log``; on exit stop it by pid (``terminate``).
+
+    Waits for nothing: the caller knows what "ready" means for its configuration. Tests
+    using it are marked ``requires_haproxy``.
+    """
+    assert HAPROXY is not None, "mark the test requires_haproxy"
+    (directory / "haproxy.cfg").write_text(config)
+    with open(directory / "haproxy.log", "wb") as out:
+        proc = subprocess.Popen([HAPROXY, "-f", str(directory / "haproxy.cfg"), "-db"],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        yield proc
+    finally:
+        terminate(proc)
+
+
 # ----------------------------------------------------------------- the command line
 
 

@@ -34,7 +34,7 @@ import pytest
 
 import support
 
-HAPROXY, requires_haproxy = support.HAPROXY, support.requires_haproxy
+requires_haproxy = support.requires_haproxy
 
 #: Seconds the clients send requests for.
 LOAD_SECONDS = 10.0
@@ -160,30 +160,6 @@ def sigterm_and_wait(instance: Instance) -> float:
     assert support.wait_until(lambda: not support.session_members(instance.proc.pid), timeout=5), (
         f"{instance.marker}'s workers outlived it: {support.session_members(instance.proc.pid)}")
     return took
-
-
-@contextlib.contextmanager
-def running_haproxy(directory: Path, config: str, started: list[subprocess.Popen[bytes]]
-                    ) -> Iterator[subprocess.Popen[bytes]]:
-    """``haproxy -f cfg -db`` in its own session, output to ``haproxy.log``; stopped by PID
-    (SIGTERM, then SIGKILL) at the end."""
-    assert HAPROXY is not None
-    (directory / "haproxy.cfg").write_text(config)
-    with open(directory / "haproxy.log", "wb") as out:
-        proc = subprocess.Popen([HAPROXY, "-f", str(directory / "haproxy.cfg"), "-db"],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    started.append(proc)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
 
 
 def server_states(admin: str) -> dict[str, str]:
@@ -312,7 +288,8 @@ def test_rolling_restart_of_two_prefork_instances_behind_haproxy_fails_no_reques
         b = start_instance(short_dir, "b", 1, 0, started)
         frontend = _free_port()
         config = haproxy_config(frontend, {"a": a.port, "b": b.port}, admin)
-        with running_haproxy(short_dir, config, started) as haproxy:
+        with support.running_haproxy(short_dir, config) as haproxy:
+            started.append(haproxy)
             wait_for(lambda: server_states(admin) == {"a": "UP", "b": "UP"}, "both servers UP", short_dir)
             begin = time.monotonic()
             load.until = begin + LOAD_SECONDS

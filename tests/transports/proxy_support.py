@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import socketserver
 import struct
@@ -26,7 +25,7 @@ import sockserve
 from sockserve.transports._proxy import ProxyLayer
 
 SIG = bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
-HAPROXY, requires_haproxy = support.HAPROXY, support.requires_haproxy
+requires_haproxy = support.requires_haproxy
 
 
 # ------------------------------------------------------------------------------ an encoder
@@ -193,15 +192,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextlib.contextmanager
 def haproxy(tmp_path: Path, config: str, ready: list[tuple[Any, int]]) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``haproxy -f cfg -db`` with *config*, wait until each of *ready* accepts
-    (``(address, family)``), stop it by PID at the end."""
-    assert HAPROXY is not None
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(config)
-    log = open(tmp_path / "haproxy.log", "wb")  # noqa: SIM115 (closed in finally)
-    proc = subprocess.Popen([HAPROXY, "-f", str(cfg), "-db"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
+    """Run ``haproxy -f cfg -db`` with *config* (``support.running_haproxy``: own session,
+    stopped by PID), and wait until each of *ready* (``(address, family)``) accepts."""
+    with support.running_haproxy(tmp_path, config) as proc:
         for address, family in ready:
             deadline = time.monotonic() + 10
             while True:
@@ -220,15 +213,6 @@ def haproxy(tmp_path: Path, config: str, ready: list[tuple[Any, int]]) -> Iterat
         if proc.poll() is not None:
             raise AssertionError(f"haproxy exited {proc.returncode}: {(tmp_path / 'haproxy.log').read_text()}")
         yield proc
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        log.close()
 
 
 def ask_through(address: Any, family: int, payload: bytes = b"hello\n") -> dict[str, Any]:
