@@ -21,6 +21,7 @@ from ._slots import (
 )
 from ._supervise import (
     STOP_SIGNALS,
+    check_reuse_port,
     exit_child,
     fork_worker,
     reuse_port_socket,
@@ -38,6 +39,7 @@ __all__ = [
     "WorkerBootError",
     "WorkerSlots",
     "WorkerStatus",
+    "check_reuse_port",
     "drain_deadline",
     "exit_child",
     "fork_worker",

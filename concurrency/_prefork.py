@@ -25,7 +25,7 @@ import attrs
 from ..core import FIRST_BYTE_TIMEOUT, LISTEN_BACKLOG, OptionError, count, declare_options, flag, text
 from ._slots import (SUPERVISE_INTERVAL, SupervisionOptions, WorkerSlots, WorkerStatus, heartbeat_interval,
                      request_limit, run_worker)
-from ._supervise import fork_worker, reuse_port_socket, stop_on_signals, with_inner_strategy
+from ._supervise import check_reuse_port, fork_worker, reuse_port_socket, stop_on_signals, with_inner_strategy
 
 __all__ = ["PreforkMixIn"]
 
@@ -91,6 +91,7 @@ class PreforkMixIn(_ServerClass):
         if self.worker_id is not None:
             super().serve_forever(poll_interval)
             return
+        check_reuse_port(self)
         self._slots = WorkerSlots(self, self.workers, self._spawn, timeout=self.worker_timeout,
                                   boot_timeout=self.worker_boot_timeout)
         self._supervisor, self._stopped = threading.get_ident(), threading.Event()
@@ -117,11 +118,10 @@ class PreforkMixIn(_ServerClass):
     def service_actions(self) -> None:
         """Parent: reap exited workers and replace them. Worker: notice an orphaning."""
         super().service_actions()
-        if self.worker_id is not None:
-            if not self._status.beat():
-                log.warning("worker %d: parent %d is gone; stopping", self.worker_id, self._status.parent)
-                self.shutdown()
-        elif self._slots is not None:
+        if self.worker_id is not None and not self._status.beat():
+            log.warning("worker %d: parent %d is gone; stopping", self.worker_id, self._status.parent)
+            self.shutdown()
+        elif self._slots is not None:  # the parent's (a worker's is None)
             self._slots.supervise()
 
     def reload(self) -> bool:

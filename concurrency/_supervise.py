@@ -11,7 +11,8 @@ prefork is made of them, and so can a third party's process pool be:
   is still in flight, so a blocked handler returns before the parent has to kill it.
 - ``WorkerSlots`` (in ``_slots``): the parent's supervision of its worker slots.
 - ``reuse_port_socket(server)``: a worker's own ``SO_REUSEPORT`` socket instead of the
-  shared one.
+  shared one; ``check_reuse_port(server)``, in the parent, refuses ``reuse_port`` for a
+  server with more than one listening socket.
 - ``with_inner_strategy(cls, name, above)``: *cls* with another strategy composed in below
   *above* (prefork's ``inner``), unless the class order has it already.
 """
@@ -27,10 +28,11 @@ import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from ..core import Server, registry
+from ..core import OptionError, Server, registry
 
 __all__ = [
     "STOP_SIGNALS",
+    "check_reuse_port",
     "exit_child",
     "fork_worker",
     "reuse_port_socket",
@@ -146,6 +148,19 @@ def stop_listening(server: Any) -> None:
     for sock in getattr(server, "listeners", ()):
         if sock.type == socket.SOCK_STREAM:
             sock.close()
+
+
+def check_reuse_port(server: Any) -> None:
+    """Raise ``OptionError`` when *server* sets ``reuse_port`` and has listening sockets
+    besides its own.
+
+    ``reuse_port_socket`` gives a worker its own socket for ``server.socket`` only; the
+    others would stay shared (and listen in the parent), half of what ``reuse_port`` says.
+    """
+    extra = [sock.getsockname() for sock in server.listeners[1:]]
+    if extra and getattr(server, "reuse_port", False):
+        raise OptionError("reuse_port", True, f"one socket per worker serves one address; this server also "
+                          f"listens on {', '.join(map(str, extra))}: turn reuse_port off to share them all")
 
 
 def reuse_port_socket(server: Any) -> None:

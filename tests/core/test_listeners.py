@@ -18,6 +18,7 @@ import pytest
 import sockserve
 from support import (
     EchoUpper,
+    child_pids,
     no_leaks,
     read_to_eof,
     requires_af_unix,
@@ -249,3 +250,19 @@ def test_a_forking_child_closes_every_listening_socket_not_only_its_own():
             assert ask(server.server_address, b"x") == b"held 0"
             assert ask(second, b"x") == b"held 0"
         assert_bindable(second)
+
+
+@requires_fork
+def test_prefork_refuses_reuse_port_with_a_second_address_before_forking_and_leaks_nothing():
+    cls = sockserve.compose("tcp", "prefork", options={"workers": 2, "reuse_port": True})
+    with no_leaks():
+        with cls(("127.0.0.1", 0), EchoUpper) as server:
+            extra = server.add_address(("127.0.0.1", 0))
+            before = child_pids()
+            with pytest.raises(sockserve.OptionError, match="bad value True for option 'reuse_port'") as caught:
+                server.serve_forever()
+            assert child_pids() == before, "no worker was forked"
+            assert repr(extra) in str(caught.value) and "turn reuse_port off" in str(caught.value)
+    # Without the second address the same class serves: the check refuses only the mix.
+    with cls(("127.0.0.1", 0), EchoUpper) as server, serving(server):
+        assert ask(server.server_address, b"one") == b"ONE"
