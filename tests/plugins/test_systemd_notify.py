@@ -22,7 +22,7 @@ import pytest
 import sockserve
 from sockserve.plugins._systemd import SYSTEMD, describe_address
 from sockserve.transports._systemd import notify, watchdog_interval
-from support import EchoUpper, exchange, requires_af_unix, requires_fork, script_path, serving
+from support import EchoUpper, exchange, requires_af_unix, requires_fork, script_path, serving, terminate
 
 pytestmark = requires_af_unix
 
@@ -193,13 +193,7 @@ def notify_server(receiver_path: str, *args: str) -> Iterator[tuple[subprocess.P
         assert pid == proc.pid
         yield proc, port
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        terminate(proc, grace=15, reap=10)
         if proc.stdout is not None:
             proc.stdout.close()
 

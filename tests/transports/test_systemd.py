@@ -44,6 +44,7 @@ from support import (
     requires_fork,
     script_path,
     serving,
+    terminate,
 )
 
 pytestmark = requires_af_unix
@@ -492,13 +493,7 @@ def activated(activate_args: list[str], *serve_args: str, ports: int = 1, kind: 
             yield activator, chosen
             return
         finally:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            terminate(proc, grace=10, reap=10)
             activator.stderr(5)
             if proc.stderr is not None:
                 proc.stderr.close()
