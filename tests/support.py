@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -185,6 +186,21 @@ def read_to_eof(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """Bytes up to and including the first newline (or to EOF; give *sock* a timeout).
+
+    One byte at a time, so that nothing after the newline is taken from the socket: what
+    follows is there for the next read (``read_to_eof``, another ``read_line``).
+    """
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def closed_by_server(client: socket.socket, within: float) -> bool:
@@ -466,6 +482,73 @@ def running_haproxy(directory: Path, config: str) -> Iterator[subprocess.Popen[b
         yield proc
     finally:
         terminate(proc)
+
+
+class PreforkScript:
+    """``tests/scripts/prefork_server.py`` in a subprocess: a prefork server with two
+    workers serving in the script's main thread (for signals sent to a whole process).
+
+    ``wait_ready()`` reads what it announces on stdout: ``port N``, then one ``worker PID``
+    per worker; ``readline()`` reads what comes after (``stopped``). Every read is
+    bounded. ``close()`` is the teardown, by pid.
+    """
+
+    #: The script, as its workers' command lines show it (see ``runs_script``).
+    SCRIPT = str(SCRIPTS / "prefork_server.py")
+    #: Workers the script runs (its ``WORKERS``).
+    WORKERS = 2
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, script_path("prefork_server.py")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(),
+        )
+        self._buffer = b""
+        #: The port it serves on, once ``wait_ready()`` returned.
+        self.port = 0
+        #: Its workers' pids, once ``wait_ready()`` returned.
+        self.workers: set[int] = set()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Read the ``port`` line, then the ``worker`` lines; fail on anything else."""
+        kind, _, value = self.readline(timeout).partition(" ")
+        assert kind == "port", f"expected the port line first, got {kind} {value}"
+        self.port = int(value)
+        while len(self.workers) < self.WORKERS:
+            kind, _, value = self.readline(timeout).partition(" ")
+            assert kind == "worker", f"expected a worker line, got {kind} {value}"
+            self.workers.add(int(value))
+
+    def readline(self, timeout: float = 10.0) -> str:
+        """The next line of its stdout, without the newline; fails after *timeout* seconds
+        or if the process ends its stdout first."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise AssertionError(f"no line from the server process within {timeout}s; so far {self._buffer!r}")
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise AssertionError(f"server process ended; so far {self._buffer!r}")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def close(self) -> list[int]:
+        """SIGKILL, by pid, the workers still running the script and the server process if
+        it runs; reap it, close its pipes. Returns the workers that were still running."""
+        survivors = [pid for pid in self.workers if is_running(pid) and runs_script(pid, self.SCRIPT)]
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return survivors
 
 
 # ----------------------------------------------------------------- the command line

@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import re
-import select
 import shutil
 import signal
 import socket
@@ -38,6 +37,7 @@ import sockserve
 from sockserve.concurrency import TERMINATE_GRACE
 from support import (
     EchoUpper,
+    PreforkScript,
     child_pids,
     clean_env,
     exchange,
@@ -813,70 +813,21 @@ def test_cli_plugins_shows_each_transports_description(author_site, tmp_path):
 def test_prefork_serving_in_its_main_thread_stops_gracefully_on_sigint():
     """SIGINT (Ctrl-C) drains like SIGTERM: the request in flight completes, every worker
     exits, serve_forever returns and the process exits 0 without a traceback."""
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / "prefork_sigint_server.py")],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(),
-    )
-    lines = LineReader(proc)
-    workers: set[int] = set()
+    server = PreforkScript()
     try:
-        kind, value = lines.next().split()
-        assert kind == "port", kind
-        port = int(value)
-        while len(workers) < 2:
-            kind, value = lines.next().split()
-            assert kind == "worker", kind
-            workers.add(int(value))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        server.wait_ready()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
             client.sendall(b"hi")
             assert read_line(client) == b"start"  # in flight in a worker
-            os.kill(proc.pid, signal.SIGINT)
+            os.kill(server.proc.pid, signal.SIGINT)
             rest = read_to_eof(client)
         assert rest.startswith(b"done ")
-        assert int(rest.split()[1]) in workers
-        assert proc.wait(FINISH_TIMEOUT) == 0
-        assert lines.next() == "stopped"
-        assert wait_until(lambda: not any(map(is_running, workers)), timeout=5)
-        err = proc.stderr.read().decode(errors="replace")
+        assert int(rest.split()[1]) in server.workers
+        assert server.proc.wait(FINISH_TIMEOUT) == 0
+        assert server.readline() == "stopped"
+        assert wait_until(lambda: not any(map(is_running, server.workers)), timeout=5)
+        assert server.proc.stderr is not None
+        err = server.proc.stderr.read().decode(errors="replace")
         assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     finally:
-        for pid in workers:
-            if is_running(pid) and _runs_script(pid, "prefork_sigint_server.py"):
-                os.kill(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        proc.stdout.close()
-        proc.stderr.close()
-
-
-class LineReader:
-    """Lines of a process's stdout, each read with a timeout."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        self.buffer = b""
-
-    def next(self, timeout: float = 10.0) -> str:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise AssertionError(f"no line within {timeout}s; so far {self.buffer!r}")
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise AssertionError(f"the process ended; so far {self.buffer!r}")
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode()
-
-
-def _runs_script(pid: int, name: str) -> bool:
-    """True when *pid* runs our script *name* (a recycled pid must not be killed)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return name.encode() in f.read()
-    except OSError:
-        return False
+        server.close()

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,14 +14,16 @@ import pytest
 
 import sockserve
 from support import (
+    PreforkScript,
     no_stray_children,
     child_pids,
     connect,
     is_running,
     no_leaks,
+    proc_stat,
+    read_line,
     read_to_eof,
     requires_fork,
-    script_path,
     serving,
     skip_unless_supported,
     wait_until,
@@ -33,17 +32,6 @@ from support import (
 pytestmark = [requires_fork, pytest.mark.requires_fork]
 
 LOOPBACK = ("127.0.0.1", 0)
-
-
-def read_line(sock: socket.socket) -> bytes:
-    """Bytes up to and including the first newline (or to EOF)."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 @pytest.fixture(autouse=True)
@@ -439,86 +427,20 @@ def test_reuse_port_is_refused_for_unix_sockets(tmp_path):
 
 # ----------------------------------------------------------------- a server in its own process
 
-#: Prints the port, then each worker's pid; serves requests that take half a second.
-SERVER_SCRIPT = script_path("prefork_server.py")
-
-
-class ServerProcess:
-    """The prefork server of SERVER_SCRIPT in a subprocess; reads what it announces."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, SERVER_SCRIPT],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self._buffer = b""
-        self.port = 0
-        self.workers: set[int] = set()
-
-    def wait_ready(self) -> None:
-        """Read the port and the two workers' pids the server announces."""
-        while not (self.port and len(self.workers) == 2):
-            line = self.readline()
-            kind, _, value = line.partition(" ")
-            if kind == "port":
-                self.port = int(value)
-            elif kind == "worker":
-                self.workers.add(int(value))
-            else:
-                raise AssertionError(f"unexpected line from the server process: {line!r}")
-
-    def readline(self, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise AssertionError(f"no line from the server process; so far {self._buffer!r}")
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise AssertionError(f"server process ended; so far {self._buffer!r}")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode()
-
-    def close(self) -> list[int]:
-        """Kill what is left, by pid; return the workers that were still running."""
-        survivors = [pid for pid in self.workers if is_running(pid) and _runs_our_script(pid)]
-        for pid in survivors:
-            os.kill(pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return survivors
-
-
-def _runs_our_script(pid: int) -> bool:
-    """True when *pid* runs SERVER_SCRIPT (a recycled pid must not be killed)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return SERVER_SCRIPT.encode() in f.read().split(b"\0")
-    except OSError:
-        return False
-
 
 def _parent_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return 0
-    return int(stat[stat.rindex(b")") + 2:].split()[1])
+    fields = proc_stat(pid)
+    return 0 if fields is None else int(fields[1])
 
 
 @pytest.fixture
 def server_process():
-    started: list[ServerProcess] = []
+    """Start ``PreforkScript`` servers (ready: port and workers known); close them at the
+    end and fail if any worker outlived its server."""
+    started: list[PreforkScript] = []
 
-    def start() -> ServerProcess:
-        process = ServerProcess()
+    def start() -> PreforkScript:
+        process = PreforkScript()
         started.append(process)
         process.wait_ready()
         return process
