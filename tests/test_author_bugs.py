@@ -45,6 +45,7 @@ from support import (
     make_distribution,
     no_leaks,
     read_banner,
+    read_line,
     read_to_eof,
     requires_fork,
     serving,
@@ -86,17 +87,6 @@ def bounded(func: Callable[[], Any], timeout: float) -> float:
     return elapsed
 
 
-def read_line(sock: socket.socket) -> bytes:
-    """Bytes up to the first newline (or to EOF), without it; give *sock* a timeout."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data.strip()
-
-
 class Holding(sockserve.BaseRequestHandler):
     """``hold``: reply ``start PID``, then wait for the client's EOF (at most
     ``limit`` seconds), then reply ``released``. Anything else: upper-cased, at once."""
@@ -105,7 +95,7 @@ class Holding(sockserve.BaseRequestHandler):
 
     def handle(self) -> None:
         self.request.settimeout(self.limit)
-        line = read_line(self.request)
+        line = read_line(self.request).strip()
         if line != b"hold":
             self.request.sendall(line.upper())
             return
@@ -531,7 +521,7 @@ def test_an_ssl_listening_socket_still_serves_and_warns_once_pointing_at_the_tls
                     with client_context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
                         tls.sendall(b"secret %d\n" % i)
                         replies.append(read_line(tls))
-    assert replies == [b"SECRET %d" % i for i in range(3)]
+    assert replies == [b"SECRET %d\n" % i for i in range(3)]
     mine = [w for w in caught if "SSLSocket" in str(w.message)]
     assert len(mine) == 1, [str(w.message) for w in caught]
     assert issubclass(mine[0].category, DeprecationWarning)
@@ -712,7 +702,7 @@ def test_cli_drain_completes_the_request_in_flight(concurrency, tmp_path):
             word, pid = read_line(client).split()
             assert word == b"start"
             proc.send_signal(signal.SIGTERM)
-            assert read_line(client) == b"done " + pid
+            assert read_line(client) == b"done " + pid + b"\n"
         status, err = finish(proc)
     assert status == 0, err
     assert "Traceback" not in err
@@ -782,7 +772,7 @@ def test_cli_serve_with_a_layer_by_name(author_site, tmp_path):
             reply = read_line(client).decode()
         proc.send_signal(signal.SIGTERM)
         status, err = finish(proc)
-    assert reply == f"ThreadingAuthorTagTCPServer ('tagged-by-layer', {port}) TaggedSocket"
+    assert reply == f"ThreadingAuthorTagTCPServer ('tagged-by-layer', {port}) TaggedSocket\n"
     assert status == 0, err
 
 
@@ -818,7 +808,7 @@ def test_prefork_serving_in_its_main_thread_stops_gracefully_on_sigint():
         server.wait_ready()
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
             client.sendall(b"hi")
-            assert read_line(client) == b"start"  # in flight in a worker
+            assert read_line(client) == b"start\n"  # in flight in a worker
             os.kill(server.proc.pid, signal.SIGINT)
             rest = read_to_eof(client)
         assert rest.startswith(b"done ")

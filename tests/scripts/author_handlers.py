@@ -1,13 +1,13 @@
 """Request handlers that ``tests/test_author_bugs.py`` gives ``sockserve serve`` (run as
 ``python -m sockserve serve ADDRESS author_handlers:NAME``, this folder on PYTHONPATH).
 
-Every blocking call has a timeout, so that no server process can hang a test.
+Every blocking call has a timeout (``StreamRequestHandler.timeout``), so that no server
+process can hang a test.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import sockserve
@@ -18,18 +18,7 @@ HOLD_LIMIT = 30.0
 SLOW_SECONDS = 0.5
 
 
-def read_line(sock: socket.socket) -> bytes:
-    """Bytes up to the first newline (or to EOF), without the newline."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data.strip()
-
-
-class Hold(sockserve.BaseRequestHandler):
+class Hold(sockserve.StreamRequestHandler):
     """Line commands; each reply line ends with the pid of the process that serves it.
 
     ``slow``: ``start PID``, then ``done PID`` ``SLOW_SECONDS`` later.
@@ -37,29 +26,30 @@ class Hold(sockserve.BaseRequestHandler):
     cuts the connection off), then ``released PID``.
     """
 
+    timeout = HOLD_LIMIT
+
     def handle(self) -> None:
-        self.request.settimeout(HOLD_LIMIT)
-        command = read_line(self.request)
+        command = self.rfile.readline().strip()
         pid = os.getpid()
-        self.request.sendall(b"start %d\n" % pid)
+        self.wfile.write(b"start %d\n" % pid)
         if command == b"slow":
             time.sleep(SLOW_SECONDS)
-            self.request.sendall(b"done %d\n" % pid)
+            self.wfile.write(b"done %d\n" % pid)
             return
-        while self.request.recv(1024):
-            pass
-        self.request.sendall(b"released %d\n" % pid)
+        self.rfile.read()  # to EOF: the client's, or the server's shutdown of the connection
+        self.wfile.write(b"released %d\n" % pid)
 
 
-class Report(sockserve.BaseRequestHandler):
+class Report(sockserve.StreamRequestHandler):
     """Reply with what the handler sees: the server's class, the client address and the
     request object's class (a layer may replace the last two)."""
 
+    timeout = HOLD_LIMIT
+
     def handle(self) -> None:
-        self.request.settimeout(HOLD_LIMIT)
-        read_line(self.request)
+        self.rfile.readline()
         text = (
             f"{type(self.server).__name__} {self.client_address!r} "
             f"{type(self.request).__name__}\n"
         )
-        self.request.sendall(text.encode())
+        self.wfile.write(text.encode())
