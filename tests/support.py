@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 import pytest
 
 import sockserve
+from sockserve.testing._harness import bounded as _kit_bounded
 
 TRANSPORTS = ["tcp", "tcp6", "udp", "udp6", "unix", "unix-dgram"]
 CONCURRENCY = ["sync", "threading", "forking", "threadpool", "prefork"]
@@ -150,6 +151,16 @@ def start_serving(server: Any, poll_interval: float = 0.05) -> threading.Thread:
     thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), daemon=True)
     thread.start()
     return thread
+
+
+def bounded(func: Callable[[], Any], timeout: float = 10.0) -> float:
+    """Call *func* in a helper thread; return the seconds it took, failing if it has not
+    returned within *timeout* seconds (what it raised is raised here).
+
+    The conformance kit's ``bounded`` (one copy for the kit and the tests), with the 10 s
+    these tests give a call by default where the kit gives 30.
+    """
+    return _kit_bounded(func, timeout)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> bool:

@@ -24,10 +24,9 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from sockserve.concurrency import TERMINATE_GRACE
 from support import (
     EchoUpper,
     PreforkScript,
+    bounded,
     child_pids,
     clean_env,
     exchange,
@@ -64,27 +64,6 @@ FINISH_TIMEOUT = 30
 #: "Promptly": far above scheduling noise, far below the waits the bugs caused.
 PROMPT = 1.0
 SERVING = re.compile(r"sockserve: (\S+) serving on (\S+) with ")
-
-
-def bounded(func: Callable[[], Any], timeout: float) -> float:
-    """Call *func* in a helper thread; return how long it took, failing if it hangs."""
-    outcome: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            func()
-        except BaseException as exc:  # re-raised in the test's thread below
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    start = time.monotonic()
-    thread.start()
-    thread.join(timeout)
-    elapsed = time.monotonic() - start
-    assert not thread.is_alive(), f"{func} did not return within {timeout}s"
-    if outcome:
-        raise outcome[0]
-    return elapsed
 
 
 class Holding(sockserve.BaseRequestHandler):

@@ -37,6 +37,7 @@ from sockserve.core import _cli
 from support import (
     EchoUpper,
     address_for,
+    bounded,
     connect,
     exchange,
     no_leaks,
@@ -51,27 +52,6 @@ from support import (
 )
 
 LOOPBACK = ("127.0.0.1", 0)
-
-
-def run_bounded(func: Callable[[], Any], timeout: float = 10.0) -> float:
-    """Call *func* in a helper thread; return how long it took, failing if it hangs."""
-    outcome: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            func()
-        except BaseException as exc:  # reported in the test's thread below
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    start = time.monotonic()
-    thread.start()
-    thread.join(timeout)
-    elapsed = time.monotonic() - start
-    assert not thread.is_alive(), f"{func} did not return within {timeout}s"
-    if outcome:
-        raise outcome[0]
-    return elapsed
 
 
 # =========================================================================== 1. shutdown
@@ -105,7 +85,7 @@ def shutdown_timing(server_class: type, poll_interval: float) -> tuple[float, fl
         assert wait_until(lambda: turns)  # has finished its turn for that request
         time.sleep(0.05)  # and is back to waiting in select()
         last_turn = turns[-1]
-        took = run_bounded(server.shutdown, timeout=poll_interval + 5)
+        took = bounded(server.shutdown, timeout=poll_interval + 5)
         return took, time.monotonic() - last_turn
     finally:
         server.shutdown()
@@ -142,8 +122,8 @@ def test_shutdown_twice_is_safe_and_the_second_call_returns_at_once():
         server = sockserve.TCPServer(LOOPBACK, EchoUpper)
         thread = start_serving(server, 10)
         assert exchange(server, b"x") == b"X"
-        assert run_bounded(server.shutdown) < WELL_UNDER_POLL
-        assert run_bounded(server.shutdown) < WELL_UNDER_POLL
+        assert bounded(server.shutdown) < WELL_UNDER_POLL
+        assert bounded(server.shutdown) < WELL_UNDER_POLL
         thread.join(5)
         assert not thread.is_alive()
         server.server_close()
@@ -154,9 +134,9 @@ def test_shutdown_before_serve_forever_returns_and_the_next_serve_forever_return
     with no_leaks():
         server = sockserve.TCPServer(LOOPBACK, EchoUpper)
         try:
-            assert run_bounded(server.shutdown, timeout=5) < WELL_UNDER_POLL
+            assert bounded(server.shutdown, timeout=5) < WELL_UNDER_POLL
             # The pending shutdown request ends the next loop before it accepts anything.
-            assert run_bounded(lambda: server.serve_forever(10), timeout=5) < WELL_UNDER_POLL
+            assert bounded(lambda: server.serve_forever(10), timeout=5) < WELL_UNDER_POLL
             # It is used up: serving afterwards works as usual.
             with serving(server):
                 assert exchange(server, b"after") == b"AFTER"
@@ -223,7 +203,7 @@ def test_no_request_is_accepted_once_shutdown_returned(concurrency):
     server = sockserve.compose("tcp", concurrency)(LOOPBACK, Recorder)
     thread = start_serving(server, 0.05)
     try:
-        run_bounded(server.shutdown)
+        bounded(server.shutdown)
         with socket.create_connection(server.server_address, timeout=5) as client:
             client.sendall(b"anyone?")
             time.sleep(0.3)
@@ -257,9 +237,9 @@ def test_in_flight_requests_finish_when_the_server_closes(concurrency, drain_tim
         thread = start_serving(server, 0.05)
         with connect(server) as client:
             assert client.recv(8) == b"started;"
-            run_bounded(server.shutdown)
+            bounded(server.shutdown)
             thread.join(5)
-            run_bounded(server.server_close)
+            bounded(server.server_close)
             # The handler had finished when server_close() returned: its reply and the end
             # of the connection are already here, nothing left to wait for.
             client.setblocking(False)
@@ -290,7 +270,7 @@ def test_drain_timeout_bounds_shutdown_while_a_sync_handler_blocks(caplog):
         thread = start_serving(server, 0.05)
         with connect(server) as client:
             assert client.recv(16) == b"started"
-            took = run_bounded(server.shutdown)
+            took = bounded(server.shutdown)
             print(f"MEASURED sync shutdown with a blocked handler, drain_timeout=0.5: {took:.3f}s")
             assert 0.45 <= took < 0.5 + 1.0
             assert client.recv(16) == b""  # the connection was shut down
@@ -318,9 +298,9 @@ def test_drain_timeout_bounds_server_close_while_handlers_block(concurrency, cap
         thread = start_serving(server, 0.05)
         with connect(server) as client:
             assert client.recv(16) == b"started"
-            run_bounded(server.shutdown)
+            bounded(server.shutdown)
             thread.join(5)
-            took = run_bounded(server.server_close)
+            took = bounded(server.server_close)
             print(f"MEASURED {concurrency} server_close with a blocked handler, drain_timeout=0.5: {took:.3f}s")
             assert 0.45 <= took < 0.5 + 1.0 + 0.5
             assert client.recv(16) == b""  # cut off: EOF (or the child's socket closed)
@@ -364,7 +344,7 @@ def close_with_blocked_handler(module: Any) -> dict[str, Any]:
         assert client.recv(16) == b"started"
         server.shutdown()
         thread.join(5)
-        outcome["close_took"] = run_bounded(server.server_close)
+        outcome["close_took"] = bounded(server.server_close)
         outcome["close_returned"] = time.monotonic()
     outcome["cut_off_count"] = getattr(server, "requests_cut_off", None)
     return outcome
