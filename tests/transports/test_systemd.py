@@ -39,6 +39,7 @@ from support import (
     address_for,
     exchange,
     no_leaks,
+    read_line,
     requirement,
     requires_af_unix,
     requires_fork,
@@ -506,12 +507,7 @@ def ask(port: int, line: bytes = b"hello\n", kind: int = socket.SOCK_STREAM) -> 
         if kind == socket.SOCK_STREAM:
             client.connect(("127.0.0.1", port))
             client.sendall(line)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = client.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+            data = read_line(client)
         else:
             client.sendto(line, ("127.0.0.1", port))
             data = client.recv(4096)
