@@ -1,5 +1,11 @@
 """Test helpers: servers on loopback or in a temporary directory, clients, leak checks,
-plugin distributions written to disk, and ``sockserve`` command-line processes.
+plugin distributions written to disk, processes started by tests (HAProxy, the prefork
+script, ``sockserve`` command lines) and their teardown by pid.
+
+What belongs here: a helper that more than one test module needs, once; each section
+below is one of the kinds above. What does not: helpers of one test module (they stay in
+it), the PROXY-protocol tests' encoder and servers (``tests/transports/proxy_support.py``),
+and scripts that run in other processes (files in ``tests/scripts/``).
 
 Imported by tests as ``support`` (``pythonpath = tests`` in pyproject.toml)."""
 
