@@ -553,6 +553,18 @@ class PreforkScript:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line.decode()
 
+    def signal_during_a_request(self, signum: int) -> int:
+        """Send *signum* to the server process while a request is in flight in a worker
+        (after its ``start``, before its ``done``); return the pid of the worker whose
+        ``done`` reply completed it after the signal."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as client:
+            client.sendall(b"hi")
+            assert read_line(client) == b"start\n"  # in flight in a worker
+            os.kill(self.proc.pid, signum)
+            rest = read_to_eof(client)
+        assert rest.startswith(b"done "), f"the request in flight was not completed: {rest!r}"
+        return int(rest.split()[1])
+
     def close(self) -> list[int]:
         """SIGKILL, by pid, the workers still running the script and the server process if
         it runs; reap it, close its pipes. Returns the workers that were still running."""

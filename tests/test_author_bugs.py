@@ -785,13 +785,7 @@ def test_prefork_serving_in_its_main_thread_stops_gracefully_on_sigint():
     server = PreforkScript()
     try:
         server.wait_ready()
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
-            client.sendall(b"hi")
-            assert read_line(client) == b"start\n"  # in flight in a worker
-            os.kill(server.proc.pid, signal.SIGINT)
-            rest = read_to_eof(client)
-        assert rest.startswith(b"done ")
-        assert int(rest.split()[1]) in server.workers
+        assert server.signal_during_a_request(signal.SIGINT) in server.workers
         assert server.proc.wait(FINISH_TIMEOUT) == 0
         assert server.readline() == "stopped"
         assert wait_until(lambda: not any(map(is_running, server.workers)), timeout=5)

@@ -466,13 +466,7 @@ def test_workers_exit_when_their_parent_is_killed(server_process):
 
 def test_sigterm_stops_a_server_serving_in_its_main_thread_gracefully(server_process):
     server = server_process()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
-        client.sendall(b"hi")
-        assert read_line(client) == b"start\n"  # in flight in a worker
-        os.kill(server.proc.pid, signal.SIGTERM)
-        rest = read_to_eof(client)
-    assert rest.startswith(b"done ")
-    assert int(rest.split()[1]) in server.workers
+    assert server.signal_during_a_request(signal.SIGTERM) in server.workers
     assert server.proc.wait(10) == 0
     assert server.readline() == "stopped"
     assert not any(map(is_running, server.workers))
