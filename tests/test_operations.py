@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from support import SCRIPTS, clean_env, requires_fork, wait_until
+from support import SCRIPTS, clean_env, read_line, requires_fork, wait_until
 
 pytestmark = [requires_fork, pytest.mark.requires_fork]
 
@@ -144,12 +144,7 @@ def ask(port: int, payload: bytes = b"hi", timeout: float = 5.0) -> tuple[int, b
     """One request on a new connection: the answering worker's pid and handler version."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(payload + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(100)
-            if not chunk:
-                break
-            data += chunk
+        data = read_line(sock)
     pid, version, text = data.split()
     assert text == payload.upper(), data
     return int(pid), version

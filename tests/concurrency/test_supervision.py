@@ -17,7 +17,7 @@ import pytest
 
 import sockserve
 from sockserve.concurrency import WorkerBootError
-from support import no_stray_children, child_pids, requires_fork, serving, start_serving, wait_until
+from support import child_pids, no_stray_children, read_line, requires_fork, serving, start_serving, wait_until
 
 pytestmark = [requires_fork, pytest.mark.requires_fork]
 
@@ -53,12 +53,7 @@ def ask(address, payload: bytes = b"hi", timeout: float = 5.0) -> int:
     """One request on a new connection; the pid of the worker that answered."""
     with socket.create_connection(address, timeout=timeout) as sock:
         sock.sendall(payload + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(100)
-            if not chunk:
-                break
-            data += chunk
+        data = read_line(sock)
     pid, text = data.split()
     assert text == payload.upper()
     return int(pid)
