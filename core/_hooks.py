@@ -1,10 +1,25 @@
 """The plugin manager and the per-class hook relays the serve loop reads.
 
 The serve loop never asks pluggy whether a hook has implementations: each server holds a
-``HookRelay`` whose attributes are either ``None`` (nobody implements the hook, so the
-per-request path skips it with one attribute test) or the pluggy ``HookCaller``. Relays are
-recomputed in place whenever a plugin is registered, unregistered or blocked, so a running
-server sees plugins come and go.
+``HookRelay`` whose attributes are, per hook, one of:
+
+- ``None``: nobody implements the hook, so the per-request path skips it with one
+  attribute test;
+- a ``SingleImplCaller``: exactly one implementation, a plain one (no wrapper, no
+  defaulted arguments), and nobody monitors hook calls: it calls that function directly,
+  without pluggy's per-call work (argument check, copy of the implementation list,
+  ``_multicall``), and returns what pluggy would;
+- otherwise pluggy's ``HookCaller``.
+
+Relays are recomputed in place whenever a plugin is registered, unregistered or blocked, so a
+running server sees plugins come and go, and whenever hook-call monitoring starts or stops
+(``add_hookcall_monitoring``, ``enable_tracing``): while it is on, every relay holds pluggy's
+callers, so that the monitor sees every call.
+
+What belongs here: the manager, its automatic loading, the relays and how a hook is called
+(``call_hook``, its ``HookError``). Not here: the hook specifications (``hookspecs``), the
+registry of named plugins (``_registry``), and where the serve loop fires each hook
+(``_server``).
 """
 
 from __future__ import annotations
@@ -13,17 +28,19 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import itemgetter
+from typing import Any, TypeAlias
 
 import pluggy
-from pluggy import HookCaller
+from pluggy import HookCaller, HookImpl, Result
 
 from . import hookspecs
 from ._errors import HookError, PluginLoadError, PluginLoadWarning
 
 __all__ = [
-    "AUTOLOAD_ENV", "HookRelay", "block_plugins", "call_hook", "get_plugin_manager", "relay_for",
+    "AUTOLOAD_ENV", "HookRelay", "SingleImplCaller", "block_plugins", "call_hook",
+    "get_plugin_manager", "relay_for",
     "set_autoload_source",
 ]
 
@@ -40,14 +57,56 @@ HOOKS: dict[str, str] = {
 }
 
 
+#: What ``add_hookcall_monitoring`` is given (pluggy's own signatures).
+BeforeTrace: TypeAlias = Callable[[str, Sequence[HookImpl], Mapping[str, Any]], None]
+AfterTrace: TypeAlias = Callable[[Result[Any], str, Sequence[HookImpl], Mapping[str, Any]], None]
+
+
 class PluginManager(pluggy.PluginManager):
-    """pluggy's manager, telling every relay when the set of plugins changes."""
+    """pluggy's manager, telling every relay when the set of plugins changes, and when
+    hook-call monitoring starts or stops."""
 
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT_NAME)
         self.add_hookspecs(hookspecs)
         self._relays: weakref.WeakSet[HookRelay] = weakref.WeakSet()
         self._relay_lock = threading.RLock()
+        #: Monitors added and not yet undone (``enable_tracing`` may count twice: it adds
+        #: one through ``add_hookcall_monitoring``).
+        self._monitors = 0
+
+    @property
+    def monitored(self) -> bool:
+        """Hook calls are being monitored: relays hold pluggy's callers, no fast path."""
+        return self._monitors > 0
+
+    def add_hookcall_monitoring(self, before: BeforeTrace, after: AfterTrace) -> Callable[[], None]:
+        add = super().add_hookcall_monitoring
+        return self._monitoring(lambda: add(before, after))
+
+    def enable_tracing(self) -> Callable[[], None]:
+        # pluggy's goes through add_hookcall_monitoring (counted there too); this one
+        # holds should a pluggy release trace some other way.
+        return self._monitoring(super().enable_tracing)
+
+    def _monitoring(self, start: Callable[[], Callable[[], None]]) -> Callable[[], None]:
+        """Start pluggy's monitoring with *start*; relays go through pluggy until undone."""
+        with self._relay_lock:
+            undo_pluggy = start()
+            self._monitors += 1
+            self._refresh()
+        undone = False
+
+        def undo() -> None:
+            nonlocal undone
+            with self._relay_lock:
+                undo_pluggy()
+                if not undone:  # an undo called twice stops one monitor, once
+                    undone = True
+                    self._monitors -= 1
+                    self._refresh()
+
+        return undo
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         result = super().register(plugin, name)
@@ -69,29 +128,126 @@ class PluginManager(pluggy.PluginManager):
                 relay.refresh()
 
 
+def _values(names: tuple[str, ...]) -> Callable[[Mapping[str, object]], tuple[object, ...]]:
+    """A function returning the values of *names* in a mapping, as a tuple (``KeyError``
+    when one is missing). ``itemgetter`` for two or more: a tenth of a list comprehension's
+    cost on CPython 3.11; it returns a bare value for one name."""
+    if len(names) > 1:
+        return itemgetter(*names)
+    if names:
+        name = names[0]
+        return lambda kwargs: (kwargs[name],)
+    return lambda kwargs: ()
+
+
+class SingleImplCaller:
+    """A hook with one plain implementation, called directly rather than through pluggy.
+
+    It passes the implementation exactly the arguments it declares, as pluggy's
+    ``_multicall`` does, and returns what pluggy's ``HookCaller`` would: for a
+    ``firstresult`` hook the result (``None`` included), otherwise ``[result]``, or ``[]``
+    for ``None``. A call that lacks an argument of the hook specification goes to the
+    ``HookCaller`` (*hook_caller*), for pluggy's warning and, when the implementation needs
+    that argument, its ``HookCallError``. ``name``, ``spec`` and ``get_hookimpls()`` are
+    the ``HookCaller``'s.
+    """
+
+    __slots__ = ("name", "spec", "hook_caller", "_impl", "_function", "_args", "_check",
+                 "_firstresult")
+
+    def __init__(self, caller: HookCaller, impl: HookImpl) -> None:
+        assert self.handles(caller, [impl])
+        #: The hook's name (``sockserve_request_start``).
+        self.name = caller.name
+        #: The hook's specification.
+        self.spec = caller.spec
+        #: pluggy's caller of the same hook, for everything else.
+        self.hook_caller = caller
+        self._impl = impl
+        self._function = impl.function
+        spec_names = caller.spec.argnames if caller.spec is not None else ()
+        self._args = _values(impl.argnames)
+        # Values of every argument of the spec, only to see that none is missing: not
+        # needed when the implementation takes them all, in the same order.
+        self._check = None if impl.argnames == spec_names else _values(spec_names)
+        self._firstresult = bool(caller.spec is not None and caller.spec.opts.get("firstresult"))
+
+    @staticmethod
+    def handles(caller: HookCaller, impls: Sequence[HookImpl]) -> bool:
+        """Whether *caller*, whose implementations are *impls*, can be called directly."""
+        spec = caller.spec
+        # Defaults of the spec's own arguments are pluggy's to fill in (pluggy >= 1.6).
+        if spec is None or getattr(spec, "kwargdefaults", None) or caller.is_historic():
+            return False
+        if len(impls) != 1:
+            return False
+        impl = impls[0]
+        # Wrappers need _multicall; defaulted arguments are passed only when given.
+        return not (impl.wrapper or impl.hookwrapper or impl.kwargnames)
+
+    def get_hookimpls(self) -> list[HookImpl]:
+        """The one implementation, in a new list (as ``HookCaller.get_hookimpls``)."""
+        return [self._impl]
+
+    def __call__(self, **kwargs: object) -> Any:
+        """Call the hook as pluggy's ``HookCaller`` is called: keyword arguments only."""
+        return self.call(kwargs)
+
+    def call(self, kwargs: dict[str, object]) -> Any:
+        """Call the hook with the arguments *kwargs* (not copied: ``call_hook``'s own)."""
+        try:
+            if self._check is not None:
+                self._check(kwargs)
+            args = self._args(kwargs)
+        except KeyError:
+            return self.hook_caller(**kwargs)
+        result = self._function(*args)
+        if self._firstresult:
+            return result
+        return [] if result is None else [result]
+
+    def __repr__(self) -> str:
+        return f"<SingleImplCaller {self.name!r} {self._impl.plugin_name!r}>"
+
+
+#: What a relay attribute holds when the hook has implementations.
+Caller: TypeAlias = HookCaller | SingleImplCaller
+
+
+def _relay_caller(caller: HookCaller, direct: bool) -> Caller | None:
+    """What a relay holds for *caller*: None, a ``SingleImplCaller`` when *direct* allows
+    one, or *caller*."""
+    impls = caller.get_hookimpls()
+    if not impls:
+        return None
+    if direct and SingleImplCaller.handles(caller, impls):
+        return SingleImplCaller(caller, impls[0])
+    return caller
+
+
 class HookRelay:
     """What one server class calls: each hook as a caller, or ``None`` when unimplemented."""
 
     __slots__ = ("_manager", "_class_plugins", "__weakref__", *HOOKS)
     # One per hook of hookspecs (tests/core/test_hooks.py keeps the two lists equal).
-    accept_error: HookCaller | None
-    handle_error: HookCaller | None
-    post_fork: HookCaller | None
-    pre_fork: HookCaller | None
-    request_denied: HookCaller | None
-    request_finish: HookCaller | None
-    request_prepared: HookCaller | None
-    request_start: HookCaller | None
-    serve_start: HookCaller | None
-    serve_stop: HookCaller | None
-    server_activate: HookCaller | None
-    server_close: HookCaller | None
-    server_closed: HookCaller | None
-    service_actions: HookCaller | None
-    verify_request: HookCaller | None
-    worker_abort: HookCaller | None
-    worker_exit: HookCaller | None
-    worker_ready: HookCaller | None
+    accept_error: Caller | None
+    handle_error: Caller | None
+    post_fork: Caller | None
+    pre_fork: Caller | None
+    request_denied: Caller | None
+    request_finish: Caller | None
+    request_prepared: Caller | None
+    request_start: Caller | None
+    serve_start: Caller | None
+    serve_stop: Caller | None
+    server_activate: Caller | None
+    server_close: Caller | None
+    server_closed: Caller | None
+    service_actions: Caller | None
+    verify_request: Caller | None
+    worker_abort: Caller | None
+    worker_exit: Caller | None
+    worker_ready: Caller | None
 
     def __init__(self, manager: PluginManager, class_plugins: tuple[object, ...]) -> None:
         self._manager = manager
@@ -99,7 +255,9 @@ class HookRelay:
         self.refresh()
 
     def refresh(self) -> None:
-        """Recompute which hooks have implementations."""
+        """Recompute which hooks have implementations, and how each is called."""
+        # A private manager is not monitored itself, but follows the global one's rule.
+        direct = not self._manager.monitored
         manager: pluggy.PluginManager = self._manager
         if self._class_plugins:
             # A private manager holding the global plugins plus this class's own; rebuilt
@@ -112,8 +270,7 @@ class HookRelay:
                 if not manager.is_registered(plugin):
                     manager.register(plugin)
         for short, name in HOOKS.items():
-            caller = getattr(manager.hook, name)
-            setattr(self, short, caller if caller.get_hookimpls() else None)
+            setattr(self, short, _relay_caller(getattr(manager.hook, name), direct))
 
 
 _manager: PluginManager | None = None
@@ -219,7 +376,7 @@ def relay_for(server_class: type) -> HookRelay:
     return relay
 
 
-def _plugin_name(caller: pluggy.HookCaller, exc: BaseException) -> str:
+def _plugin_name(caller: Caller, exc: BaseException) -> str:
     """Name the plugin whose implementation raised *exc*, from the traceback."""
     codes = {}
     for impl in caller.get_hookimpls():
@@ -236,13 +393,17 @@ def _plugin_name(caller: pluggy.HookCaller, exc: BaseException) -> str:
     return found
 
 
-def call_hook(server: Any, caller: pluggy.HookCaller, **kwargs: Any) -> Any:
+def call_hook(server: Any, caller: Caller, **kwargs: Any) -> Any:
     """Call *caller*; an implementation that raises goes to ``server.handle_error``.
 
     The error handler sees a ``HookError`` naming the plugin, chained to the plugin's
     own exception, and the serve loop goes on; the call then returns ``None``.
     """
     try:
+        if type(caller) is SingleImplCaller:
+            # This call's own dict of arguments, handed on rather than unpacked again.
+            kwargs["server"] = server
+            return caller.call(kwargs)
         return caller(server=server, **kwargs)
     except Exception as exc:
         try:

@@ -1,5 +1,7 @@
 """Lifecycle hooks (DESIGN.md section 4): where each fires, what its result means, and how
-plugins come and go, fail, and are loaded automatically (core/_hooks.py, core/hookspecs.py).
+plugins come and go, fail, and are loaded automatically (core/_hooks.py, core/hookspecs.py);
+which hooks a relay calls directly rather than through pluggy, with the same results, and
+how hook-call monitoring turns that off.
 
 Hook calls are recorded as JSON lines appended to a file in ``tmp_path``, so that calls
 made in a forked child are seen by the test too.
@@ -21,6 +23,7 @@ import pluggy
 import pytest
 
 import sockserve
+from sockserve.core._hooks import SingleImplCaller
 from support import (
     CONCURRENCY,
     EchoUpper,
@@ -374,7 +377,10 @@ def test_verify_request_first_non_none_verdict_decides(verdicts, server_says, se
 
     with no_leaks():
         with serving(Server(address_for("tcp", tmp_path), EchoUpper)) as server:
+            caller = server._sockserve_hooks.verify_request
             reply = ask(server, b"knock")
+    # One plugin: called directly; two: through pluggy; none: not at all.
+    assert type(caller) is {0: type(None), 1: SingleImplCaller, 2: pluggy.HookCaller}[len(verdicts)]
     assert reply == (b"KNOCK" if served else b"")
     assert all(p.asked <= 1 for p in plugins)
     deciding = [p.asked for p in plugins if p.verdict is not None]
@@ -480,10 +486,14 @@ def test_global_plugin_joins_the_class_plugins_of_a_running_server(tmp_path, plu
     late = Starts(log, "global")
     with no_leaks():
         with serving(cls(address_for("tcp", tmp_path), EchoUpper)) as server:
+            hooks = server._sockserve_hooks  # the class's own relay, from a private manager
+            assert isinstance(hooks.request_start, SingleImplCaller)
             assert exchange(server, b"1") == b"1"
             plugin_manager.register(late, name="late-global")
+            assert isinstance(hooks.request_start, pluggy.HookCaller)
             assert exchange(server, b"2") == b"2"
             plugin_manager.unregister(late)
+            assert isinstance(hooks.request_start, SingleImplCaller)
             assert exchange(server, b"3") == b"3"
     seen = names(log)
     assert (seen.count("class"), seen.count("global")) == (3, 1)
@@ -516,16 +526,21 @@ class Exploding:
         self._maybe_raise("service_actions")
 
 
+@pytest.mark.parametrize("path", ["direct", "pluggy"])
 @pytest.mark.parametrize("concurrency", CONCURRENCY)
 def test_raising_request_hook_goes_to_handle_error_as_hook_error_and_serving_goes_on(
-    concurrency, tmp_path, plugin_manager
+    concurrency, path, tmp_path, plugin_manager
 ):
     skip_unless_supported("tcp", concurrency)
     log = tmp_path / "events.jsonl"
     plugin_manager.register(Exploding("request_start"), name="exploding-plugin")
+    if path == "pluggy":  # a second implementation: the call goes through pluggy
+        plugin_manager.register(Starts(tmp_path / "starts.jsonl", "start"), name="starts")
     cls = recording_errors(sockserve.compose("tcp", concurrency), log)
     with no_leaks():
         with serving(cls(address_for("tcp", tmp_path), EchoUpper)) as server:
+            kind = SingleImplCaller if path == "direct" else pluggy.HookCaller
+            assert isinstance(server._sockserve_hooks.request_start, kind)
             for payload in (b"first", b"second"):
                 with socket.create_connection(server.server_address, timeout=10) as client:
                     client.sendall(payload)
@@ -557,6 +572,7 @@ def test_raising_serving_thread_hook_goes_to_handle_error_and_the_loop_goes_on(
     plugin_manager.register(Exploding(hook), name="exploding-plugin")
     with no_leaks():
         with serving(Server(address_for("tcp", tmp_path), EchoUpper)) as server:
+            assert isinstance(getattr(server._sockserve_hooks, hook), SingleImplCaller)
             assert exchange(server, b"one") == b"ONE"
             assert exchange(server, b"two") == b"TWO"
     assert captured, "handle_error was not called"
@@ -588,16 +604,10 @@ class OnlyLifecycle:
 
 @pytest.mark.parametrize("concurrency", ["sync", "threading"])
 @pytest.mark.parametrize("implemented", ["request_start", "lifecycle only", "nothing"])
-def test_request_path_calls_into_pluggy_only_for_implemented_hooks(
+def test_request_path_calls_a_hook_only_when_it_is_implemented(
     concurrency, implemented, tmp_path, monkeypatch, plugin_manager
 ):
-    calls = []
-    original = pluggy.HookCaller.__call__
-
-    def counting(self, *args, **kwargs):
-        calls.append(self.name)
-        return original(self, *args, **kwargs)
-
+    calls = count_hook_calls(monkeypatch)
     if implemented == "request_start":
         plugin_manager.register(Starts(tmp_path / "events.jsonl", "start"), name="starts")
     elif implemented == "lifecycle only":
@@ -605,15 +615,426 @@ def test_request_path_calls_into_pluggy_only_for_implemented_hooks(
     with no_leaks():
         with serving(sockserve.compose("tcp", concurrency)(address_for("tcp", tmp_path), EchoUpper)) as server:
             assert exchange(server, b"warm up") == b"WARM UP"
-            monkeypatch.setattr(pluggy.HookCaller, "__call__", counting)
+            calls.clear()
             for i in range(20):
                 assert exchange(server, b"req %d" % i) == b"REQ %d" % i
             monkeypatch.undo()
     if implemented == "request_start":
-        assert calls.count("sockserve_request_start") == 20  # the counting works
-        assert set(calls) == {"sockserve_request_start"}
+        # The counting works; one implementation is called directly.
+        assert calls == [("direct", "sockserve_request_start")] * 20
     else:
         assert calls == []
+
+
+# --------------------------------------------------------------------------- the direct call
+
+
+def count_hook_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record every hook call a relay makes, as ("pluggy" or "direct", hook name)."""
+    calls: list[tuple[str, str]] = []
+    through_pluggy = pluggy.HookCaller.__call__
+    direct = SingleImplCaller.call
+
+    def counting_pluggy(self, **kwargs):
+        calls.append(("pluggy", self.name))
+        return through_pluggy(self, **kwargs)
+
+    def counting_direct(self, kwargs):
+        calls.append(("direct", self.name))
+        return direct(self, kwargs)
+
+    monkeypatch.setattr(pluggy.HookCaller, "__call__", counting_pluggy)
+    monkeypatch.setattr(SingleImplCaller, "call", counting_direct)
+    return calls
+
+
+class Finishes:
+    """A plugin recording request_finish (the exception's type) with a label."""
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.path = path
+        self.label = label
+
+    @sockserve.hookimpl
+    def sockserve_request_finish(self, client_address, exc):
+        record(self.path, self.label, exc=type(exc).__name__)
+
+
+class FinishesDefaulted:
+    """request_finish with a defaulted argument: pluggy passes it when the call has it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @sockserve.hookimpl
+    def sockserve_request_finish(self, client_address, exc="not given"):
+        record(self.path, "defaulted", exc=exc if isinstance(exc, str) else type(exc).__name__)
+
+
+class FinishesWrapper:
+    """request_finish as a new-style wrapper: the code around its yield must run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @sockserve.hookimpl(wrapper=True)
+    def sockserve_request_finish(self, exc):
+        record(self.path, "wrapper before", exc=type(exc).__name__)
+        result = yield
+        record(self.path, "wrapper after", result=result)
+        return result
+
+
+class FinishesOldWrapper:
+    """request_finish as an old-style hookwrapper."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @sockserve.hookimpl(hookwrapper=True)
+    def sockserve_request_finish(self, exc):
+        record(self.path, "old wrapper before", exc=type(exc).__name__)
+        outcome = yield
+        record(self.path, "old wrapper after", result=outcome.get_result())
+
+
+def finish_plugins(case: str, path: Path) -> list[object]:
+    return {
+        "one plain": [Finishes(path, "plain")],
+        "two plain": [Finishes(path, "plain"), Finishes(path, "second")],
+        "one wrapper": [FinishesWrapper(path)],
+        "one old-style wrapper": [FinishesOldWrapper(path)],
+        "one defaulted argument": [FinishesDefaulted(path)],
+    }[case]
+
+
+def pluggy_passes_defaults() -> bool:
+    """Whether this pluggy passes a hook implementation's defaulted argument."""
+    spec, impl = pluggy.HookspecMarker("scratch"), pluggy.HookimplMarker("scratch")
+
+    class Spec:
+        @spec
+        def scratch_hook(self, arg): ...
+
+    class Impl:
+        @impl
+        def scratch_hook(self, arg="default"):
+            return arg
+
+    manager = pluggy.PluginManager("scratch")
+    manager.add_hookspecs(Spec)
+    manager.register(Impl())
+    return manager.hook.scratch_hook(arg="given") == ["given"]
+
+
+#: What each case's plugins record per request, and how the hook is called.
+FINISH_CASES: dict[str, tuple[list[dict[str, Any]], str]] = {
+    "one plain": ([{"event": "plain", "exc": "NoneType"}], "direct"),
+    "two plain": (
+        [{"event": "second", "exc": "NoneType"}, {"event": "plain", "exc": "NoneType"}], "pluggy"
+    ),
+    "one wrapper": (
+        [{"event": "wrapper before", "exc": "NoneType"}, {"event": "wrapper after", "result": []}],
+        "pluggy",
+    ),
+    "one old-style wrapper": (
+        [{"event": "old wrapper before", "exc": "NoneType"},
+         {"event": "old wrapper after", "result": []}],
+        "pluggy",
+    ),
+    # pluggy >= 1.6 passes a defaulted argument that the call provides; older ones never do.
+    "one defaulted argument": (
+        [{"event": "defaulted", "exc": "NoneType" if pluggy_passes_defaults() else "not given"}],
+        "pluggy",
+    ),
+}
+
+
+def plain(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k not in ("pid", "thread")}
+
+
+@pytest.mark.parametrize("case", list(FINISH_CASES))
+def test_only_a_sole_plain_implementation_is_called_directly(case, tmp_path, monkeypatch):
+    log = tmp_path / "events.jsonl"
+    expected, how = FINISH_CASES[case]
+    cls = sockserve.compose("tcp", "sync", plugins=finish_plugins(case, log))
+    with no_leaks():
+        with serving(cls(address_for("tcp", tmp_path), EchoUpper)) as server:
+            relayed = server._sockserve_hooks.request_finish
+            assert isinstance(relayed, SingleImplCaller if how == "direct" else pluggy.HookCaller)
+            calls = count_hook_calls(monkeypatch)
+            for i in range(3):
+                assert exchange(server, b"r%d" % i) == b"R%d" % i
+            assert wait_until(lambda: len(events(log)) == 3 * len(expected), timeout=10.0)
+            monkeypatch.undo()
+    assert calls == [(how, "sockserve_request_finish")] * 3
+    assert [plain(e) for e in events(log)] == expected * 3
+
+
+class Returns:
+    """A plugin whose one hook returns a fixed value and records what it was given."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.seen: list[tuple[Any, ...]] = []
+
+
+def returning(hook: str, value: Any) -> Returns:
+    """A ``Returns`` implementing *hook* with two of its arguments, out of order."""
+
+    def implementation(self, client_address, server):
+        self.seen.append((client_address, server))
+        return self.value
+
+    cls = type("Returns_" + hook, (Returns,), {hook: sockserve.hookimpl(implementation)})
+    return cls(value)
+
+
+class StubServer:
+    """What ``call_hook`` needs of a server: ``handle_error`` (here: it must not be called)."""
+
+    def handle_error(self, request, client_address):
+        raise AssertionError(f"handle_error called: {sys.exc_info()[1]!r}")
+
+
+@pytest.mark.parametrize("returns", [None, False, True, 0, "", "a value", ("a", "tuple")])
+@pytest.mark.parametrize(
+    "hook",
+    ["sockserve_verify_request", "sockserve_request_prepared", "sockserve_handle_error",  # firstresult
+     "sockserve_request_start", "sockserve_request_finish", "sockserve_request_denied"],
+)
+def test_a_direct_call_returns_what_pluggy_returns(hook, returns):
+    from sockserve.core._hooks import call_hook
+
+    manager = pluggy.PluginManager(sockserve.core.hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(sockserve.core.hookspecs)
+    plugin = returning(hook, returns)
+    manager.register(plugin)
+    caller = getattr(manager.hook, hook)
+    (impl,) = caller.get_hookimpls()
+    assert SingleImplCaller.handles(caller, [impl])
+    direct = SingleImplCaller(caller, impl)
+    assert direct.name == caller.name == hook
+    assert direct.get_hookimpls() == [impl]
+    server = StubServer()
+    values = {"request": object(), "client_address": ("127.0.0.1", 4242), "exc": None, "reason": "r"}
+    kwargs = {name: values[name] for name in caller.spec.argnames if name != "server"}
+    through_pluggy = caller(server=server, **kwargs)
+    assert direct(server=server, **kwargs) == through_pluggy
+    assert call_hook(server, direct, **kwargs) == call_hook(server, caller, **kwargs) == through_pluggy
+    firstresult = caller.spec.opts.get("firstresult")
+    assert through_pluggy == (returns if firstresult else ([] if returns is None else [returns]))
+    assert plugin.seen == [(("127.0.0.1", 4242), server)] * 4
+
+
+class Prepared:
+    """A plugin answering request_prepared with a fixed verdict."""
+
+    def __init__(self, verdict: bool | None) -> None:
+        self.verdict = verdict
+        self.asked = 0
+
+    @sockserve.hookimpl
+    def sockserve_request_prepared(self, request):
+        self.asked += 1
+        return self.verdict
+
+
+@pytest.mark.parametrize("concurrency", IN_PARENT)
+@pytest.mark.parametrize("hook", ["verify_request", "request_prepared"])
+def test_a_sole_implementations_veto_refuses_a_real_connection(hook, concurrency, tmp_path):
+    skip_unless_supported("tcp", concurrency)
+    deny = Verdict(False) if hook == "verify_request" else Prepared(False)
+    cls = sockserve.compose("tcp", concurrency, plugins=[deny])
+    with no_leaks():
+        with serving(cls(address_for("tcp", tmp_path), EchoUpper)) as server:
+            assert isinstance(getattr(server._sockserve_hooks, hook), SingleImplCaller)
+            assert ask(server, b"let me in") == b""
+            assert ask(server, b"again") == b""
+            if concurrency == "forking":
+                return  # the plugin's count and the denial's stay in each forked child
+            if hook == "request_prepared":
+                assert wait_until(lambda: server.requests_denied["request_prepared"] == 2)
+    assert deny.asked == 2
+
+
+class Ready:
+    """worker_ready taking only *worker_id*: a call lacking *pid* still reaches it."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    @sockserve.hookimpl
+    def sockserve_worker_ready(self, worker_id):
+        self.seen.append(worker_id)
+
+
+class ReadyPid(Ready):
+    """worker_ready taking *pid* too: a call lacking it cannot reach it."""
+
+    @sockserve.hookimpl
+    def sockserve_worker_ready(self, worker_id, pid):
+        self.seen.append(worker_id)
+
+
+@pytest.mark.parametrize("needs_pid", [False, True])
+def test_a_call_lacking_an_argument_of_the_spec_is_left_to_pluggy(needs_pid, tmp_path):
+    """pluggy warns; an implementation needing the argument gets no call (HookCallError)."""
+    captured = []
+    ready = ReadyPid() if needs_pid else Ready()
+
+    class Server(sockserve.compose("tcp", "sync", plugins=[ready])):
+        def handle_error(self, request, client_address):
+            captured.append(sys.exc_info()[1])
+
+    with no_leaks():
+        server = Server(address_for("tcp", tmp_path), EchoUpper)
+        try:
+            assert isinstance(server._sockserve_hooks.worker_ready, SingleImplCaller)
+            with pytest.warns(UserWarning, match="'pid' which are declared in the hookspec"):
+                result = server.call_hook("worker_ready", worker_id=3)
+            assert server.call_hook("worker_ready", worker_id=4, pid=os.getpid()) == []
+        finally:
+            server.server_close()
+    if needs_pid:
+        assert (result, ready.seen) == (None, [4])
+        (exc,) = captured
+        assert isinstance(exc, sockserve.HookError)
+        assert exc.hook == "sockserve_worker_ready"
+        assert isinstance(exc.__cause__, pluggy.HookCallError)
+    else:
+        assert (result, ready.seen, captured) == ([], [3, 4], [])
+
+
+@pytest.mark.parametrize("concurrency", ["sync", "threading", "threadpool"])
+def test_registering_and_unregistering_while_serving_switches_how_the_hook_is_called(
+    concurrency, tmp_path, monkeypatch, plugin_manager
+):
+    skip_unless_supported("tcp", concurrency)
+    log = tmp_path / "events.jsonl"
+    first, second = Starts(log, "first"), Starts(log, "second")
+    with no_leaks():
+        with serving(sockserve.compose("tcp", concurrency)(address_for("tcp", tmp_path), EchoUpper)) as server:
+            hooks = server._sockserve_hooks
+            calls = count_hook_calls(monkeypatch)
+            steps = [
+                (lambda: None, type(None), [], []),
+                (lambda: plugin_manager.register(first, name="first"), SingleImplCaller,
+                 ["direct"], ["first"]),
+                (lambda: plugin_manager.register(second, name="second"), pluggy.HookCaller,
+                 ["pluggy"], ["second", "first"]),
+                (lambda: plugin_manager.unregister(first), SingleImplCaller, ["direct"], ["second"]),
+                (lambda: plugin_manager.unregister(second), type(None), [], []),
+            ]
+            for change, kind, how, labels in steps:
+                change()
+                assert type(hooks.request_start) is kind
+                before = len(events(log))
+                calls.clear()
+                assert exchange(server, b"step") == b"STEP"
+                assert [e["event"] for e in events(log)[before:]] == labels
+                assert calls == [(h, "sockserve_request_start") for h in how]
+            monkeypatch.undo()
+
+
+def monitor(seen: list[tuple[Any, ...]]) -> tuple[Any, Any]:
+    """before/after functions for add_hookcall_monitoring, recording into *seen*."""
+
+    def before(hook_name, hook_impls, kwargs):
+        seen.append(("before", hook_name, [i.plugin_name for i in hook_impls], sorted(kwargs)))
+
+    def after(outcome, hook_name, hook_impls, kwargs):
+        seen.append(("after", hook_name, outcome.get_result()))
+
+    return before, after
+
+
+def test_hookcall_monitoring_sees_every_call_until_undone(tmp_path, plugin_manager):
+    log = tmp_path / "events.jsonl"
+    seen: list[tuple[Any, ...]] = []
+    plugin_manager.register(Starts(log, "start"), name="starts")
+    class_plugin = sockserve.compose("tcp", "sync", plugins=[Finishes(log, "class")])
+    with no_leaks():
+        other = class_plugin(address_for("tcp", tmp_path), EchoUpper)  # a private manager's relay
+        try:
+            with serving(sockserve.compose("tcp", "sync")(address_for("tcp", tmp_path), EchoUpper)) as server:
+                hooks = server._sockserve_hooks
+                assert isinstance(hooks.request_start, SingleImplCaller)
+                assert isinstance(other._sockserve_hooks.request_finish, SingleImplCaller)
+                assert exchange(server, b"unseen") == b"UNSEEN"
+                undo = plugin_manager.add_hookcall_monitoring(*monitor(seen))
+                try:
+                    assert plugin_manager.monitored
+                    assert isinstance(hooks.request_start, pluggy.HookCaller)
+                    assert isinstance(other._sockserve_hooks.request_finish, pluggy.HookCaller)
+                    for i in range(3):
+                        assert exchange(server, b"seen %d" % i) == b"SEEN %d" % i
+                finally:
+                    undo()
+                assert not plugin_manager.monitored
+                assert isinstance(hooks.request_start, SingleImplCaller)
+                assert isinstance(other._sockserve_hooks.request_finish, SingleImplCaller)
+                assert exchange(server, b"unseen") == b"UNSEEN"
+        finally:
+            other.server_close()
+    assert seen == [
+        ("before", "sockserve_request_start", ["starts"], ["client_address", "request", "server"]),
+        ("after", "sockserve_request_start", []),
+    ] * 3
+    assert names(log) == ["start"] * 5
+
+
+def test_enable_tracing_traces_every_call_until_undone(tmp_path, plugin_manager):
+    log = tmp_path / "events.jsonl"
+    lines: list[str] = []
+    plugin_manager.register(Starts(log, "start"), name="starts")
+
+    def traced() -> int:
+        return sum("finish sockserve_request_start -->" in line for line in lines)  # one per call
+
+    plugin_manager.trace.root.setwriter(lines.append)
+    try:
+        with no_leaks():
+            with serving(sockserve.compose("tcp", "sync")(address_for("tcp", tmp_path), EchoUpper)) as server:
+                hooks = server._sockserve_hooks
+                undo = plugin_manager.enable_tracing()
+                try:
+                    assert isinstance(hooks.request_start, pluggy.HookCaller)
+                    for i in range(2):
+                        assert exchange(server, b"traced %d" % i) == b"TRACED %d" % i
+                finally:
+                    undo()
+                assert isinstance(hooks.request_start, SingleImplCaller)
+                assert exchange(server, b"direct") == b"DIRECT"
+    finally:
+        plugin_manager.trace.root.setwriter(None)
+    assert traced() == 2
+    assert names(log) == ["start"] * 3
+
+
+def test_nested_monitors_keep_pluggys_callers_until_the_last_is_undone(tmp_path, plugin_manager):
+    log = tmp_path / "events.jsonl"
+    outer: list[tuple[Any, ...]] = []
+    inner: list[tuple[Any, ...]] = []
+    plugin_manager.register(Starts(log, "start"), name="starts")
+    with no_leaks():
+        with serving(sockserve.compose("tcp", "sync")(address_for("tcp", tmp_path), EchoUpper)) as server:
+            hooks = server._sockserve_hooks
+            undo_outer = plugin_manager.add_hookcall_monitoring(*monitor(outer))
+            try:
+                undo_inner = plugin_manager.add_hookcall_monitoring(*monitor(inner))
+                assert exchange(server, b"both") == b"BOTH"
+                undo_inner()
+                undo_inner()  # twice: it still ends only its own monitor
+                assert isinstance(hooks.request_start, pluggy.HookCaller)
+                assert exchange(server, b"outer") == b"OUTER"
+            finally:
+                undo_outer()
+            assert isinstance(hooks.request_start, SingleImplCaller)
+            assert exchange(server, b"neither") == b"NEITHER"
+    assert (len(outer), len(inner)) == (4, 2)  # before and after, per call seen
+    assert names(log) == ["start"] * 3
 
 
 # --------------------------------------------------------------------------- autoloading
