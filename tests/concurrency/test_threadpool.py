@@ -147,8 +147,10 @@ def test_full_pool_stops_the_serving_thread_from_accepting():
     """threads=1, backlog=1: one runs, one waits; later ones stay in the kernel's backlog."""
     gate = Gate()
     verified = Verified()
+    # first_byte_timeout=0, as in the next test: without it a client accepted before its
+    # bytes arrived waits in the waiting room, apart from the pool, and one more is accepted.
     cls = sockserve.compose(
-        "tcp", "threadpool", plugins=[verified], options={"threads": 1, "backlog": 1}
+        "tcp", "threadpool", plugins=[verified], options={"threads": 1, "backlog": 1, "first_byte_timeout": 0}
     )
     with no_leaks():
         with serving(cls(LOOPBACK, gate.handler())) as server:
