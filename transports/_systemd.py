@@ -196,6 +196,29 @@ def _socket_at(fd: int, what: str) -> socket.socket:
     return sock
 
 
+def _activation_name(spec: str) -> str | None:
+    """The NAME of ``systemd:NAME`` (None for ``systemd``); ``ActivationError`` for any
+    other shape, an empty name included."""
+    if spec != "systemd" and not spec.startswith("systemd:"):
+        raise ActivationError(f"{spec!r} is not a socket-activation address; expected {ACTIVATION_SHAPES}")
+    name = spec[len("systemd:"):] if spec.startswith("systemd:") else None
+    if name == "":
+        raise ActivationError("'systemd:' has an empty name; expected systemd or systemd:NAME")
+    return name
+
+
+def _passed_or_raise(spec: str) -> tuple[list[tuple[int, str]], str]:
+    """The passed sockets as (fd, name) and their listing for messages (call with
+    ``_lock`` held); ``ActivationError`` naming *spec* when none was passed."""
+    passed, why = _passed_sockets()
+    if not passed:
+        raise ActivationError(
+            f"{spec}: no sockets were passed to this process ({why}); start it from a "
+            "systemd .socket unit or systemd-socket-activate, or give another address"
+        )
+    return passed, ", ".join(f"{n!r} (fd {fd})" for fd, n in passed)
+
+
 def adopt(spec: str) -> socket.socket:
     """Return the socket an activation address names, ready for ``from_socket``.
 
@@ -217,19 +240,9 @@ def adopt(spec: str) -> socket.socket:
         if not _DIGITS.fullmatch(text):
             raise ActivationError(f"{spec!r}: expected fd://N with N a descriptor number, e.g. fd://3")
         return _socket_at(int(text), spec)
-    if spec != "systemd" and not spec.startswith("systemd:"):
-        raise ActivationError(f"{spec!r} is not a socket-activation address; expected {ACTIVATION_SHAPES}")
-    name = spec[len("systemd:"):] if spec.startswith("systemd:") else None
-    if name == "":
-        raise ActivationError("'systemd:' has an empty name; expected systemd or systemd:NAME")
+    name = _activation_name(spec)
     with _lock:
-        passed, why = _passed_sockets()
-        if not passed:
-            raise ActivationError(
-                f"{spec}: no sockets were passed to this process ({why}); start it from a "
-                "systemd .socket unit or systemd-socket-activate, or give another address"
-            )
-        listing = ", ".join(f"{n!r} (fd {fd})" for fd, n in passed)
+        passed, listing = _passed_or_raise(spec)
         if name is None:
             choice = [(fd, n) for fd, n in passed if fd not in _claimed]
             if len(passed) > 1:
@@ -268,17 +281,9 @@ def adopt_all(spec: str = "systemd") -> list[socket.socket]:
     """
     if spec.startswith("fd://"):
         return [adopt(spec)]
-    if spec != "systemd" and not spec.startswith("systemd:"):
-        raise ActivationError(f"{spec!r} is not a socket-activation address; expected {ACTIVATION_SHAPES}")
-    name = spec[len("systemd:"):] if spec.startswith("systemd:") else None
+    name = _activation_name(spec)
     with _lock:
-        passed, why = _passed_sockets()
-        if not passed:
-            raise ActivationError(
-                f"{spec}: no sockets were passed to this process ({why}); start it from a "
-                "systemd .socket unit or systemd-socket-activate, or give another address"
-            )
-        listing = ", ".join(f"{n!r} (fd {fd})" for fd, n in passed)
+        passed, listing = _passed_or_raise(spec)
         chosen = [(fd, n) for fd, n in passed if name is None or n == name]
         if not chosen:
             raise ActivationError(f"{spec}: no socket named {name!r} was passed; passed: {listing}")
