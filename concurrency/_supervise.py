@@ -101,10 +101,9 @@ def stop_on_signals(server: Server, *, worker: bool = False) -> Callable[[], Non
     The first signal calls ``server.shutdown()`` (from the serving thread, it returns at
     once); a second ends the drain (``server.end_drain()``). In a *worker*, the first also
     closes its copies of the stream listening sockets at once (``stop_listening``), the
-    handlers
-    replace whatever the fork copied, and the drain deadline is enforced here too: when
-    ``drain_timeout`` passes (SIGALRM) the requests in flight are cut off. Outside a
-    worker, only the main thread's default handlers are replaced (an application's own
+    handlers replace whatever the fork copied, and the drain deadline is enforced here
+    too: when ``drain_timeout`` passes (SIGALRM) the requests in flight are cut off.
+    Outside a worker, only the main thread's default handlers are replaced (an application's own
     handler is left alone).
     """
     if not worker and threading.current_thread() is not threading.main_thread():
@@ -118,10 +117,9 @@ def stop_on_signals(server: Server, *, worker: bool = False) -> Callable[[], Non
             server.end_drain()
             if worker:
                 server.cut_off(server.in_flight)
-        else:
-            if worker:
-                stop_listening(server)  # a sync worker's loop may be inside a long request
-            if worker and server.drain_timeout is not None:
+        elif worker:
+            stop_listening(server)  # a sync worker's loop may be inside a long request
+            if server.drain_timeout is not None:
                 signal.signal(signal.SIGALRM, lambda *_: server.cut_off(server.in_flight))
                 signal.setitimer(signal.ITIMER_REAL, max(server.drain_timeout, 0.001))
         server.shutdown()
@@ -157,10 +155,11 @@ def check_reuse_port(server: Any) -> None:
     ``reuse_port_socket`` gives a worker its own socket for ``server.socket`` only; the
     others would stay shared (and listen in the parent), half of what ``reuse_port`` says.
     """
+    if not getattr(server, "reuse_port", False) or len(server.listeners) < 2:
+        return
     extra = [sock.getsockname() for sock in server.listeners[1:]]
-    if extra and getattr(server, "reuse_port", False):
-        raise OptionError("reuse_port", True, f"one socket per worker serves one address; this server also "
-                          f"listens on {', '.join(map(str, extra))}: turn reuse_port off to share them all")
+    raise OptionError("reuse_port", True, f"one socket per worker serves one address; this server also "
+                      f"listens on {', '.join(map(str, extra))}: turn reuse_port off to share them all")
 
 
 def reuse_port_socket(server: Any) -> None:
