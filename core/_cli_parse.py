@@ -35,11 +35,13 @@ HANDLER_SHAPE = "module:Class, e.g. mypkg.handlers:EchoHandler"
 #: A HANDLER: a dotted module name, a colon, a class name that starts with a capital
 #: letter, as class names do. That capital tells it from ``HOST:PORT`` with a named port
 #: (``localhost:http``, an error either way, reported as the address it looks like).
-_HANDLER = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Z]\w*(?:\.[A-Za-z_]\w*)*")
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_HANDLER = re.compile(rf"{_DOTTED}:[A-Z]\w*(?:\.[A-Za-z_]\w*)*")
 #: module:attr of any case: named in the hint of an address that does not parse.
-_LOOSE_HANDLER = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+_LOOSE_HANDLER = re.compile(rf"{_DOTTED}:{_DOTTED}")
 #: What always begins an ADDRESS, never a HANDLER (no module of these names is served).
 _ADDRESS_PREFIXES = ("unix:", "fd://", "systemd:")
+
 
 class UsageError(SockserveError, ValueError):
     """A command-line argument is wrong; the message says how."""

@@ -287,8 +287,7 @@ def _build(args: argparse.Namespace, listens: list[Listen], handler: type, spec:
         names = {"transport": transport, "concurrency": args.concurrency,
                  "layers": ", ".join(layers) or "none", "plugins": ", ".join(plugin_names)}
         if stats is not None and stats.metrics_address is not None:
-            host, port = stats.metrics_address
-            names["metrics"] = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+            names["metrics"] = f"http://{_show(stats.metrics_address)}/metrics"
         return server, shown, base, names
     except BaseException:
         if stats is not None:
@@ -360,12 +359,17 @@ def _run(server: Any, base: type, shown: list[str], described: str, names: dict[
     stopping: list[int] = []
     installer = os.getpid()
 
+    def inherited(signum: int) -> bool:
+        """True in a forked child (forking strategy) that inherited the handler: it is not
+        the command line, so the signal does what it would have done (sent again)."""
+        if os.getpid() == installer:
+            return False
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return True
+
     def stop(signum: int, frame: Any) -> None:
-        if os.getpid() != installer:
-            # A forked child (forking strategy) inherited this handler: it is not the
-            # command line, so the signal does what it would have done.
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if inherited(signum):
             return
         if stopping:  # a second signal: stop waiting for in-flight requests
             _say(log_handler, "sockserve: second signal; not waiting for in-flight requests")
@@ -375,9 +379,7 @@ def _run(server: Any, base: type, shown: list[str], described: str, names: dict[
         server.shutdown()  # from the serving thread: returns at once, the loop ends
 
     def reload(signum: int, frame: Any) -> None:
-        if os.getpid() != installer:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if inherited(signum):
             return
         # Off the signal handler: reading files and building contexts may take a while
         # and must not run inside whatever the serving thread was doing.
