@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
 from ._cli_parse import (
@@ -127,6 +127,10 @@ def _plugins(out: Any = None) -> int:
     return 0
 
 
+#: What every variable of the command line starts with.
+PREFIX = "SOCKSERVE_"
+
+
 def _environment_args(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """``serve``'s flags from ``SOCKSERVE_<FLAG>`` variables (``SOCKSERVE_TLS_CERT``,
     ``SOCKSERVE_WORKERS``...), for those the command line does not give: it wins.
@@ -141,22 +145,24 @@ def _environment_args(parser: argparse.ArgumentParser, argv: list[str]) -> list[
         given.add(token.partition("=")[0])
     extra: list[str] = []
     by_variable: list[tuple[str, list[str]]] = []
-    flags = [a for a in sub._actions if any(o.startswith("--") and o != "--help" for o in a.option_strings)]
-    _refuse_unknown_variables([_variable(action) for action in flags])
-    for action in flags:
-        longs = [o for o in action.option_strings if o.startswith("--")]
-        name = _variable(action)
+    settings: dict[str, tuple[argparse.Action, str]] = {}  # variable -> (flag, its long option)
+    for action in sub._actions:
+        long = next((o for o in action.option_strings if o.startswith("--") and o != "--help"), None)
+        if long is not None:
+            settings[PREFIX + long[2:].upper().replace("-", "_")] = (action, long)
+    _refuse_unknown_variables(settings)
+    for name, (action, long) in settings.items():
         value = os.environ.get(name)
         if value is None or given & set(action.option_strings):
             continue
         if action.nargs == 0:  # a switch: 1/true/yes/on
             if value.strip().lower() in ("1", "true", "yes", "on"):
-                extra.append(longs[0])
+                extra.append(long)
             elif value.strip().lower() not in ("0", "false", "no", "off", ""):
                 raise UsageError(f"environment variable {name}={value!r}: expected 1 or 0")
             continue
         values = value.split() if isinstance(action, argparse._AppendAction) else [value]
-        flags = [f"{longs[0]}={one}" for one in values]
+        flags = [f"{long}={one}" for one in values]
         by_variable.append((name, flags))
         extra.extend(flags)
     if by_variable:  # each checked alone, so that an error names its variable
@@ -172,25 +178,19 @@ def _environment_args(parser: argparse.ArgumentParser, argv: list[str]) -> list[
     return extra
 
 
-def _variable(action: argparse.Action) -> str:
-    """The ``SOCKSERVE_<FLAG>`` variable of a ``serve`` flag."""
-    long = next(o for o in action.option_strings if o.startswith("--"))
-    return "SOCKSERVE_" + long[2:].upper().replace("-", "_")
-
-
-def _refuse_unknown_variables(settings: list[str]) -> None:
+def _refuse_unknown_variables(settings: Iterable[str]) -> None:
     """A usage error for a ``SOCKSERVE_*`` variable that is neither a flag's nor the library's."""
     known = {*settings, AUTOLOAD_ENV, BLOCK_ENV}
-    unknown = sorted(k for k in os.environ if k.startswith("SOCKSERVE_") and k not in known)
+    unknown = sorted(k for k in os.environ if k.startswith(PREFIX) and k not in known)
     if not unknown:
         return
     name = unknown[0]
-    suffixes = {k[len("SOCKSERVE_"):]: k for k in known}
-    close = difflib.get_close_matches(name[len("SOCKSERVE_"):], sorted(suffixes), n=1, cutoff=0.75)
+    suffixes = {k.removeprefix(PREFIX): k for k in known}
+    close = difflib.get_close_matches(name.removeprefix(PREFIX), sorted(suffixes), n=1, cutoff=0.75)
     if close:
         hint = f" (did you mean {suffixes[close[0]]}?)"
     else:  # SOCKSERVE_THREADS=8 is most likely an option
-        option = name[len("SOCKSERVE_"):].lower()
+        option = name.removeprefix(PREFIX).lower()
         hint = f" (an option goes in SOCKSERVE_OPTION: SOCKSERVE_OPTION='{option}=...')"
     raise UsageError(
         f"environment variable {name} is not a sockserve setting{hint}; the settings are "
