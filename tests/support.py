@@ -197,6 +197,23 @@ def tcp_client(server: Any, timeout: float = 5.0) -> socket.socket:
     return socket.create_connection(server.server_address, timeout=timeout)
 
 
+@contextlib.contextmanager
+def held_connections(address: Any, count: int, payload: bytes = b"x",
+                     timeout: float = 10.0) -> Iterator[list[socket.socket]]:
+    """*count* clients connected to *address*, each having sent *payload* (so that its
+    handler runs or waits for a thread); closed on exit, also when the block fails."""
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            client = socket.create_connection(address, timeout=timeout)
+            clients.append(client)
+            client.sendall(payload)
+        yield clients
+    finally:
+        for client in clients:
+            client.close()
+
+
 def read_to_eof(sock: socket.socket) -> bytes:
     """Everything received on stream socket *sock* until the peer ends it (give it a timeout)."""
     chunks = []

@@ -21,7 +21,7 @@ import pytest
 
 import sockserve
 from sockserve.plugins.stats import CONTENT_TYPE, METRICS, Collector, Stats, parse_metrics_address
-from support import UpperFailSlow, open_fds, read_to_eof, requires_fork, serving, wait_until
+from support import UpperFailSlow, held_connections, open_fds, read_to_eof, requires_fork, serving, wait_until
 
 prometheus_client = pytest.importorskip(
     "prometheus_client", reason="requires_prometheus_client: pip install prometheus_client")
@@ -278,13 +278,8 @@ def test_gauges_count_connections_held_threads_busy_and_the_queue():
 
     server = sockserve.compose("tcp", "threadpool", plugins=[stats],
                                options={"threads": 2, "backlog": 8})(("127.0.0.1", 0), Hold)
-    clients = []
     try:
-        with serving(server):
-            for _ in range(5):
-                client = socket.create_connection(server.server_address, timeout=10)
-                client.sendall(b"x")
-                clients.append(client)
+        with serving(server), held_connections(server.server_address, 5) as clients:
             wanted = {"sockserve_connections_active": 5, "sockserve_pool_threads_busy": 2,
                       "sockserve_pool_queue_depth": 3}
             assert wait_until(lambda: all(samples(scrape(stats)[1]).get((k, ())) == v
@@ -296,8 +291,6 @@ def test_gauges_count_connections_held_threads_busy_and_the_queue():
                                           for k in wanted), timeout=5)
     finally:
         release.set()
-        for client in clients:
-            client.close()
 
 
 def test_the_layers_metrics_tls_handshakes_and_failures_proxy_headers_and_failures():
@@ -433,13 +426,8 @@ def test_limits_reached_are_exported_by_limit():
     HoldUntil.release.clear()
     server = sockserve.compose("tcp", "threadpool", plugins=[stats], options={"threads": 1})(
         ("127.0.0.1", 0), HoldUntil)
-    clients = []
     try:
-        with serving(server):
-            for _ in range(2):
-                client = socket.create_connection(server.server_address, timeout=10)
-                client.sendall(b"x")
-                clients.append(client)
+        with serving(server), held_connections(server.server_address, 2) as clients:
             assert wait_until(lambda: server.limits_reached["threads"] == 1, timeout=10)
 
             def reached() -> float:
@@ -453,8 +441,6 @@ def test_limits_reached_are_exported_by_limit():
             found = samples(scrape(stats)[1])
     finally:
         HoldUntil.release.set()
-        for client in clients:
-            client.close()
     assert value(found, "sockserve_limits_reached_total", limit="threads") == 1
     assert value(found, "sockserve_limits_reached_total", limit="max_connections") == 0
 

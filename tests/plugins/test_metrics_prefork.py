@@ -17,7 +17,7 @@ import pytest
 
 import sockserve
 from sockserve.plugins.stats import Stats
-from support import EchoUpper, child_pids, read_to_eof, requires_fork, serving, wait_until
+from support import EchoUpper, child_pids, held_connections, read_to_eof, requires_fork, serving, wait_until
 
 pytestmark = [requires_fork]
 
@@ -154,13 +154,8 @@ def test_gauges_of_an_inner_threadpool_are_summed_over_the_workers():
                                options={"workers": 2, "inner": "threadpool", "threads": 2,
                                         "drain_timeout": 2})(
         ("127.0.0.1", 0), Hold)
-    clients = []
     try:
-        with serving(server):
-            for _ in range(6):
-                client = socket.create_connection(server.server_address, timeout=10)
-                client.sendall(b"x")
-                clients.append(client)
+        with serving(server), held_connections(server.server_address, 6) as clients:
 
             def gauges() -> tuple[float, float, float]:
                 found = scrape(stats)
@@ -181,8 +176,6 @@ def test_gauges_of_an_inner_threadpool_are_summed_over_the_workers():
                 assert read_to_eof(client) == b""
             assert wait_until(lambda: gauges() == (0, 0, 0), timeout=10), gauges()
     finally:
-        for client in clients:
-            client.close()
         os.close(release_r)
         os.close(release_w)
 
