@@ -156,7 +156,6 @@ class SingleImplCaller:
                  "_firstresult")
 
     def __init__(self, caller: HookCaller, impl: HookImpl) -> None:
-        assert self.handles(caller, [impl])
         #: The hook's name (``sockserve_request_start``).
         self.name = caller.name
         #: The hook's specification.
