@@ -35,7 +35,8 @@ from sockserve.transports._tls import (
     TLSSocket,
     tls_options_from_flags,
 )
-from support import HAS_IPV6, child_pids, missing, no_leaks, requires_af_unix, requires_fork, serving, wait_until
+from support import (HAS_IPV6, child_pids, missing, no_leaks, read_line, requires_af_unix, requires_fork, serving,
+                     wait_until)
 sys.path.insert(0, str(Path(__file__).parent))  # tls_support, beside this file
 from tls_support import (  # noqa: E402
     CURL,
@@ -75,12 +76,9 @@ class Report(sockserve.BaseRequestHandler):
     def handle(self) -> None:
         request = self.request
         request.settimeout(TIMEOUT)
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = request.recv(1024)
-            if not chunk:
-                return
-            line += chunk
+        line = read_line(request)
+        if not line.endswith(b"\n"):
+            return  # EOF before a whole line
         cert = request.getpeercert()
         subject = dict(x[0] for x in cert["subject"])["commonName"] if cert else "-"
         info = (f"{type(request).__name__} {request.version()} sni={request.sni} "
